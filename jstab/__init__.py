@@ -5,6 +5,49 @@ transformations for clipping whose state records what they did, and
 diagnostics that tell which of the two problems a model has.
 """
 
+from jstab.init import (
+    Initializer,
+    calculate_gain,
+    compute_fans,
+    delta_orthogonal,
+    glorot_normal,
+    glorot_uniform,
+    he_normal,
+    he_uniform,
+    kaiming_normal,
+    kaiming_uniform,
+    lecun_normal,
+    lecun_uniform,
+    orthogonal,
+    small_normal,
+    small_uniform,
+    truncated_normal,
+    variance_scaling,
+    xavier_normal,
+    xavier_uniform,
+)
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "Initializer",
+    "__version__",
+    "calculate_gain",
+    "compute_fans",
+    "delta_orthogonal",
+    "glorot_normal",
+    "glorot_uniform",
+    "he_normal",
+    "he_uniform",
+    "kaiming_normal",
+    "kaiming_uniform",
+    "lecun_normal",
+    "lecun_uniform",
+    "orthogonal",
+    "small_normal",
+    "small_uniform",
+    "truncated_normal",
+    "variance_scaling",
+    "xavier_normal",
+    "xavier_uniform",
+]

@@ -1,0 +1,93 @@
+"""Argument checks shared by the public builders.
+
+Every check runs on static (Python) values when a builder is called, so that
+a bad argument fails at construction with a message naming the argument, the
+value received and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def real_number(name: str, value: object) -> float:
+    """Returns ``value`` as a finite float, or raises naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | np.ndarray):
+        raise TypeError(f"`{name}` must be a real number, got {value!r}.")
+    if isinstance(value, np.ndarray) and value.ndim != 0:
+        raise TypeError(
+            f"`{name}` must be a scalar, got an array of shape {value.shape}."
+        )
+    result = float(value)
+    if not math.isfinite(result):
+        raise ValueError(f"`{name}` must be finite, got {value!r}.")
+    return result
+
+
+def nonnegative(name: str, value: object) -> float:
+    """Returns ``value`` as a float ≥ 0, or raises naming ``name``."""
+    result = real_number(name, value)
+    if result < 0:
+        raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
+    return result
+
+
+def positive(name: str, value: object) -> float:
+    """Returns ``value`` as a float > 0, or raises naming ``name``."""
+    result = real_number(name, value)
+    if result <= 0:
+        raise ValueError(f"`{name}` must be > 0, got {value!r}.")
+    return result
+
+
+def one_of(name: str, value: object, options: Sequence[str]) -> str:
+    """Returns ``value`` if it is one of ``options``, or raises naming ``name``."""
+    if value not in options:
+        expected = ", ".join(repr(o) for o in options)
+        raise ValueError(f"`{name}` must be one of {expected}; got {value!r}.")
+    return value  # type: ignore[return-value]
+
+
+def float_dtype(name: str, dtype: object) -> jnp.dtype | None:
+    """Returns ``dtype`` as a floating-point ``jnp.dtype`` (``None`` passes).
+
+    Raises:
+      TypeError: ``dtype`` is not a dtype, or not a real floating-point one.
+    """
+    if dtype is None:
+        return None
+    try:
+        result = jnp.dtype(dtype)
+    except TypeError as error:
+        raise TypeError(
+            f"`{name}` must be a floating-point dtype, got {dtype!r}."
+        ) from error
+    if not jnp.issubdtype(result, jnp.floating):
+        raise TypeError(
+            f"`{name}` must be a floating-point dtype (float16, bfloat16, float32 "
+            f"or float64), got {result.name}."
+        )
+    return result
+
+
+def shape_tuple(shape: object) -> tuple[int, ...]:
+    """Returns ``shape`` as a tuple of non-negative ints, or raises."""
+    if isinstance(shape, numbers.Integral):
+        shape = (shape,)
+    try:
+        dims = tuple(shape)  # type: ignore[call-overload]
+    except TypeError as error:
+        raise TypeError(
+            f"`shape` must be a sequence of ints, got {shape!r}."
+        ) from error
+    for dim in dims:
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 0:
+            raise TypeError(
+                f"`shape` must be a sequence of non-negative ints, got {shape!r}."
+            )
+    return tuple(int(d) for d in dims)

@@ -1,0 +1,70 @@
+"""The initializer type and the wrapper every jstab initializer goes through."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from jstab import _checks
+
+
+class Initializer(Protocol):
+    """``init(key, shape, dtype) -> Array``, as in ``jax.nn.initializers``."""
+
+    def __call__(
+        self, key: chex.PRNGKey, shape: chex.Shape, dtype: chex.ArrayDType | None = ...
+    ) -> chex.Array: ...
+
+
+Sampler = Callable[[chex.PRNGKey, tuple[int, ...], jnp.dtype], chex.Array]
+
+
+def default_float_dtype() -> jnp.dtype:
+    """float32, or float64 when ``jax_enable_x64`` is on (JAX's default)."""
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
+
+
+def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """The dtype draws are made in: at least float32.
+
+    Sampling directly in bfloat16 leaves 8 bits of randomness: a normal draw
+    takes 128 distinct values and its standard deviation is 0.3 % low. QR has
+    no half-precision kernel on CPU. So half-precision requests are drawn in
+    float32 and rounded once, at the end.
+    """
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def initializer(
+    sample: Sampler,
+    dtype: object,
+    name: str,
+    check: Callable[[tuple[int, ...]], object] | None = None,
+) -> Initializer:
+    """Wraps ``sample(key, shape, compute_dtype)`` into a checked initializer.
+
+    The returned ``init(key, shape, dtype=dtype)`` checks ``dtype`` and
+    ``shape`` (with ``check``, which raises on a shape the initializer cannot
+    take), returns zeros for a shape with a zero-sized axis, draws in
+    :func:`compute_dtype` and returns the requested dtype.
+    """
+    default = _checks.float_dtype("dtype", dtype)
+
+    def init(
+        key: chex.PRNGKey, shape: chex.Shape, dtype: chex.ArrayDType | None = default
+    ) -> chex.Array:
+        shape = _checks.shape_tuple(shape)
+        out = _checks.float_dtype("dtype", dtype) or default_float_dtype()
+        if check is not None:
+            check(shape)
+        if math.prod(shape) == 0:
+            return jnp.zeros(shape, out)
+        return sample(key, shape, compute_dtype(out)).astype(out)
+
+    init.__name__ = init.__qualname__ = name
+    return init
