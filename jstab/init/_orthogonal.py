@@ -57,8 +57,13 @@ def orthogonal(
                 f"`column_axis` (={column_axis}) is out of range for shape {shape}."
             )
 
-    jax_init = jax.nn.initializers.orthogonal(gain, column_axis)
-    return _core.initializer(jax_init, dtype, f"orthogonal({gain})", check=check)
+    return _core.initializer(
+        jax.nn.initializers.orthogonal,
+        (gain, column_axis),
+        dtype,
+        f"orthogonal({gain})",
+        check=check,
+    )
 
 
 def delta_orthogonal(
@@ -108,5 +113,10 @@ def delta_orthogonal(
                 "`delta_orthogonal` needs c_in <= c_out."
             )
 
-    jax_init = jax.nn.initializers.delta_orthogonal(gain)
-    return _core.initializer(jax_init, dtype, f"delta_orthogonal({gain})", check=check)
+    return _core.initializer(
+        jax.nn.initializers.delta_orthogonal,
+        (gain,),
+        dtype,
+        f"delta_orthogonal({gain})",
+        check=check,
+    )

@@ -30,7 +30,7 @@ def small_normal(
     """
     stddev = _checks.nonnegative("stddev", stddev)
     return _core.initializer(
-        jax.nn.initializers.normal(stddev), dtype, f"small_normal({stddev})"
+        jax.nn.initializers.normal, (stddev,), dtype, f"small_normal({stddev})"
     )
 
 
@@ -51,11 +51,18 @@ def small_uniform(
       An initializer ``init(key, shape, dtype=dtype) -> Array``.
     """
     limit = _checks.nonnegative("limit", limit)
+    return _core.initializer(
+        _symmetric_uniform, (limit,), dtype, f"small_uniform({limit})"
+    )
+
+
+def _symmetric_uniform(limit: float) -> _core.Sampler:
+    """The sampler of U(-limit, limit)."""
 
     def sample(key, shape, dtype):
         return jax.random.uniform(key, shape, dtype, -limit, limit)
 
-    return _core.initializer(sample, dtype, f"small_uniform({limit})")
+    return sample
 
 
 def _phi(x: float) -> float:
@@ -137,9 +144,9 @@ def truncated_normal(
             f"`lower` (={lower!r}) must be less than `upper` (={upper!r})."
         )
     underlying = stddev / truncated_std(lower, upper)
-    jax_init = jax.nn.initializers.truncated_normal(
-        underlying, lower=lower, upper=upper
-    )
     return _core.initializer(
-        jax_init, dtype, f"truncated_normal({stddev}, {lower}, {upper})"
+        jax.nn.initializers.truncated_normal,
+        (underlying, None, lower, upper),
+        dtype,
+        f"truncated_normal({stddev}, {lower}, {upper})",
     )

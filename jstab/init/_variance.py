@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Literal
 
 import jax
@@ -10,7 +9,7 @@ import jax.numpy as jnp
 
 from jstab import _checks
 from jstab.init import _core
-from jstab.init._fans import Axes, compute_fans
+from jstab.init._fans import Axes, compute_fans, hashable_axes
 from jstab.init._gain import gain_squared
 
 Mode = Literal["fan_in", "fan_out", "fan_avg", "fan_geo_avg"]
@@ -71,13 +70,20 @@ def variance_scaling(
     scale = _checks.nonnegative("scale", scale)
     _checks.one_of("mode", mode, _MODES)
     _checks.one_of("distribution", distribution, _DISTRIBUTIONS)
-    axes = dict(in_axis=in_axis, out_axis=out_axis, batch_axis=batch_axis)
-    jax_init = jax.nn.initializers.variance_scaling(scale, mode, distribution, **axes)
+    axes = tuple(
+        hashable_axes(name, value)
+        for name, value in [
+            ("in_axis", in_axis),
+            ("out_axis", out_axis),
+            ("batch_axis", batch_axis),
+        ]
+    )
     return _core.initializer(
-        jax_init,
+        jax.nn.initializers.variance_scaling,
+        (scale, mode, distribution, *axes),
         dtype,
         f"variance_scaling({scale}, {mode!r}, {distribution!r})",
-        check=functools.partial(compute_fans, **axes),
+        check=lambda shape: compute_fans(shape, *axes),
     )
 
 
