@@ -5,6 +5,8 @@ import math
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jstab
 
@@ -135,3 +137,31 @@ def test_he_uses_the_leaky_relu_gain(slope):
 def test_calculate_gain_errors(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+@st.composite
+def shapes_and_axes(draw):
+    shape = tuple(draw(st.lists(st.integers(1, 6), min_size=2, max_size=5)))
+    axes = draw(st.permutations(range(len(shape))))
+    n_in = draw(st.integers(1, len(shape) - 1))
+    n_out = draw(st.integers(1, len(shape) - n_in))
+    n_batch = draw(st.integers(0, len(shape) - n_in - n_out))
+    ins, outs = axes[:n_in], axes[n_in : n_in + n_out]
+    batch = axes[n_in + n_out : n_in + n_out + n_batch]
+    return shape, tuple(ins), tuple(outs), tuple(batch)
+
+
+@settings(max_examples=200, deadline=None)
+@given(shapes_and_axes())
+def test_compute_fans_property(case):
+    from jax._src.nn.initializers import _compute_fans
+
+    shape, ins, outs, batch = case
+    fan_in, fan_out = jstab.compute_fans(shape, ins, outs, batch)
+    in_size = math.prod(shape[a] for a in ins)
+    out_size = math.prod(shape[a] for a in outs)
+    batch_size = math.prod(shape[a] for a in batch)
+    receptive = math.prod(shape) // (in_size * out_size * batch_size)
+    assert (fan_in, fan_out) == (in_size * receptive, out_size * receptive)
+    # JAX agrees (it returns floats).
+    assert (fan_in, fan_out) == _compute_fans(shape, ins, outs, batch)
