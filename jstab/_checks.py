@@ -11,19 +11,33 @@ import math
 import numbers
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 
 def real_number(name: str, value: object) -> float:
-    """Returns ``value`` as a finite float, or raises naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real | np.ndarray):
+    """Returns ``value`` as a finite float, or raises naming ``name``.
+
+    Accepts Python and NumPy reals and concrete 0-d arrays (NumPy or JAX, e.g.
+    ``jnp.sqrt(2.0)``); a traced value cannot be a static argument.
+    """
+    if isinstance(value, bool | np.bool_) or isinstance(value, str | bytes):
         raise TypeError(f"`{name}` must be a real number, got {value!r}.")
-    if isinstance(value, np.ndarray) and value.ndim != 0:
+    shape = getattr(value, "shape", None)
+    if shape is not None and shape != ():
+        raise TypeError(f"`{name}` must be a scalar, got an array of shape {shape}.")
+    if isinstance(value, jax.core.Tracer):
         raise TypeError(
-            f"`{name}` must be a scalar, got an array of shape {value.shape}."
+            f"`{name}` must be a concrete number, got a traced value {value!r}; "
+            "build the initializer outside of jax.jit."
         )
-    result = float(value)
+    if not isinstance(value, numbers.Real) and shape is None:
+        raise TypeError(f"`{name}` must be a real number, got {value!r}.")
+    try:
+        result = float(value)  # type: ignore[arg-type]
+    except TypeError as error:  # e.g. a complex 0-d array
+        raise TypeError(f"`{name}` must be a real number, got {value!r}.") from error
     if not math.isfinite(result):
         raise ValueError(f"`{name}` must be finite, got {value!r}.")
     return result

@@ -172,3 +172,15 @@ def test_public_api_is_flat_and_aliased():
     for name in jstab.__all__:
         assert hasattr(jstab, name), name
     assert set(jstab.init.__all__) <= set(jstab.__all__)
+
+
+def test_scalar_arrays_are_accepted_as_constants():
+    w = jstab.orthogonal(jnp.sqrt(2.0))(jax.random.key(0), (8, 8))
+    np.testing.assert_allclose(
+        np.asarray(w).T @ np.asarray(w), 2 * np.eye(8), atol=1e-5
+    )
+    assert jstab.small_normal(np.float32(0.5))(jax.random.key(0), (3,)).shape == (3,)
+    with pytest.raises(TypeError, match=r"`gain` must be a scalar, got an array"):
+        jstab.glorot_normal(gain=np.ones(2))
+    with pytest.raises(TypeError, match=r"`gain` must be a concrete number"):
+        jax.jit(lambda g: jstab.orthogonal(g)(jax.random.key(0), (2, 2)))(1.0)
