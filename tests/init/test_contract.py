@@ -184,3 +184,11 @@ def test_scalar_arrays_are_accepted_as_constants():
         jstab.glorot_normal(gain=np.ones(2))
     with pytest.raises(TypeError, match=r"`gain` must be a concrete number"):
         jax.jit(lambda g: jstab.orthogonal(g)(jax.random.key(0), (2, 2)))(1.0)
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_no_implicit_promotion(name):
+    # Under strict promotion any mixing of dtypes inside a draw is an error.
+    with jax.numpy_dtype_promotion("strict"):
+        for dtype in [jnp.bfloat16, jnp.float32]:
+            assert ALL[name]()(jax.random.key(0), SHAPE, dtype).dtype == dtype
