@@ -55,7 +55,7 @@ def _draw(
 
     Called eagerly (as NNX modules call their initializers), a draw would
     otherwise dispatch and compile each of its primitives separately; as one
-    program, eight new bf16 shapes initialize 1.3-1.6x faster on a 2-core CPU
+    program, eight new bf16 shapes initialize 1.2-1.6x faster on a 2-core CPU
     (compiling the PRNG dominates both). ``build`` and ``args`` are static and
     compare by value, so every initializer built with the same arguments
     shares the compiled program of a shape and dtype.
