@@ -10,24 +10,6 @@ from jstab import _checks
 Axes = int | Sequence[int]
 
 
-def _axes(name: str, axes: Axes, rank: int, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Normalises ``axes`` to a tuple of non-negative ints within ``rank``."""
-    try:
-        items = (axes,) if isinstance(axes, int) else tuple(axes)
-    except TypeError:
-        items = (axes,)  # not iterable: reported as not an int below
-    result = []
-    for axis in items:
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise TypeError(
-                f"`{name}` must be an int or a sequence of ints, got {axes!r}."
-            )
-        if not -rank <= axis < rank:
-            raise ValueError(f"`{name}` (={axes!r}) is out of range for shape {shape}.")
-        result.append(axis % rank)
-    return tuple(result)
-
-
 def hashable_axes(name: str, axes: Axes) -> int | tuple[int, ...]:
     """``axes`` as an int or a tuple of ints, or a TypeError naming ``name``."""
     if isinstance(axes, int) and not isinstance(axes, bool):
@@ -39,6 +21,17 @@ def hashable_axes(name: str, axes: Axes) -> int | tuple[int, ...]:
     if any(isinstance(a, bool) or not isinstance(a, int) for a in items):
         raise TypeError(f"`{name}` must be an int or a sequence of ints, got {axes!r}.")
     return items
+
+
+def _axes(name: str, axes: Axes, rank: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Normalises ``axes`` to a tuple of non-negative ints within ``rank``."""
+    items = hashable_axes(name, axes)
+    result = []
+    for axis in (items,) if isinstance(items, int) else items:
+        if not -rank <= axis < rank:
+            raise ValueError(f"`{name}` (={axes!r}) is out of range for shape {shape}.")
+        result.append(axis % rank)
+    return tuple(result)
 
 
 def compute_fans(

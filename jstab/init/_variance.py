@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +14,8 @@ from jstab.init._gain import gain_squared
 
 Mode = Literal["fan_in", "fan_out", "fan_avg", "fan_geo_avg"]
 Distribution = Literal["normal", "truncated_normal", "uniform"]
-_MODES = ("fan_in", "fan_out", "fan_avg", "fan_geo_avg")
-_DISTRIBUTIONS = ("normal", "truncated_normal", "uniform")
+_MODES = get_args(Mode)
+_DISTRIBUTIONS = get_args(Distribution)
 _NORMALS = ("normal", "truncated_normal")
 
 
