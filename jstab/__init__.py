@@ -5,6 +5,14 @@ transformations for clipping whose state records what they did, and
 diagnostics that tell which of the two problems a model has.
 """
 
+from jstab.clipping import (
+    ClipState,
+    adaptive_grad_clip,
+    clip_by_global_norm,
+    clip_by_layer_norm,
+    clip_by_range,
+    clip_by_value,
+)
 from jstab.init import (
     Initializer,
     calculate_gain,
@@ -30,9 +38,15 @@ from jstab.init import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClipState",
     "Initializer",
     "__version__",
+    "adaptive_grad_clip",
     "calculate_gain",
+    "clip_by_global_norm",
+    "clip_by_layer_norm",
+    "clip_by_range",
+    "clip_by_value",
     "compute_fans",
     "delta_orthogonal",
     "glorot_normal",

@@ -1,0 +1,123 @@
+"""Adaptive gradient clipping (AGC): unit-wise, relative to the weights."""
+
+from __future__ import annotations
+
+import operator
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jstab import _checks, _numerics
+from jstab._numerics import ScalarOrSchedule
+from jstab.clipping import _state
+from jstab.clipping._state import ClipState
+
+Axis = int | tuple[int, ...] | None
+
+
+def _static_axis(axis: object) -> Axis:
+    """``axis`` as None, an int or a tuple of ints, checked when built."""
+    if axis is None:
+        return None
+    if isinstance(axis, jax.core.Tracer):
+        raise TypeError(
+            "`axis` must be static, got a traced value; with "
+            "optax.inject_hyperparams pass static_args=('axis',)."
+        )
+    items = axis if isinstance(axis, tuple | list) else (axis,)
+    try:
+        out = tuple(operator.index(a) for a in items)
+    except TypeError as error:
+        raise TypeError(
+            f"`axis` must be None, an int or a tuple of ints, got {axis!r}."
+        ) from error
+    return out[0] if not isinstance(axis, tuple | list) else out
+
+
+def _unit_axes(x: jax.Array, axis: Axis) -> tuple[int, ...]:
+    """The axes reduced to get the norm of each of ``x``'s units."""
+    if axis is None:  # one unit per output channel: Flax's last axis
+        return tuple(range(x.ndim - 1)) if x.ndim >= 2 else tuple(range(x.ndim))
+    axes = (axis,) if isinstance(axis, int) else axis
+    if any(not -x.ndim <= a < x.ndim for a in axes):
+        raise ValueError(
+            f"`axis` {axis!r} is out of range for a leaf of shape {x.shape}."
+        )
+    return tuple(sorted({a % x.ndim for a in axes}))
+
+
+def adaptive_grad_clip(
+    clipping: ScalarOrSchedule = 0.01, eps: float = 1e-3, axis: Axis = None
+) -> optax.GradientTransformation:
+    r"""Clips each unit's gradient relative to the norm of its weights.
+
+    .. math::
+      G_i \leftarrow G_i \cdot \frac{\lambda \max(\lVert W_i \rVert,
+      \epsilon)}{\lVert G_i \rVert} \quad \text{if} \quad
+      \frac{\lVert G_i \rVert}{\max(\lVert W_i \rVert, \epsilon)} > \lambda
+
+    for each unit ``i``, a unit being one output channel: the last axis of a
+    Flax kernel, whatever its rank (Dense ``(in, out)``, Conv1D
+    ``(w, in, out)``, Conv2D ``(h, w, in, out)``, Conv3D), the norm taken over
+    all other axes. A leaf of rank ≤ 1 (a bias, a scale) is a single unit.
+    ``optax.adaptive_grad_clip`` reduces only axis 0 of a rank-3 kernel,
+    which is right for multi-head attention but not for Conv1D; pass ``axis``
+    to reproduce it.
+
+    State: ``norm`` is a tree of float32 scalars, the gradient L2 norm of
+    each leaf; ``clipped`` the fraction of all units clipped. Norms are
+    accumulated as in :func:`clip_by_global_norm`.
+
+    Args:
+      clipping: λ > 0, the largest allowed ratio of a unit's gradient norm
+        to its weight norm: a float, a scalar array or a schedule.
+      eps: ε ≥ 0, the weight norm below which a unit counts as having norm
+        ε, so that zero-initialised units can still move.
+      axis: ``None`` for output channels, or the axis (an int or a tuple) to
+        reduce for every leaf, with the meaning it has in
+        ``optax.adaptive_grad_clip``.
+
+    Returns:
+      A :class:`optax.GradientTransformation` with a :class:`ClipState`. Its
+      ``update`` needs ``params``.
+
+    References:
+      Brock et al., `High-Performance Large-Scale Image Recognition Without
+      Normalization <https://arxiv.org/abs/2102.06171>`_, 2021
+    """
+    _numerics.check_threshold("clipping", clipping)
+    _numerics.check_threshold("eps", eps, strict=False)
+    if not (callable(eps) or isinstance(eps, jax.core.Tracer)):
+        _checks.nonnegative("eps", eps)
+    axis = _static_axis(axis)
+
+    def init_fn(params: optax.Params) -> ClipState:
+        return _state.init(jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(
+                "adaptive_grad_clip needs the parameters: call "
+                "tx.update(updates, state, params)."
+            )
+        leaves, treedef = jax.tree.flatten(updates)
+        weights = treedef.flatten_up_to(params)
+        axes = [_unit_axes(g, axis) for g in leaves]
+        g_norms = _numerics.unit_norms(leaves, axes)
+        w_norms = _numerics.unit_norms(weights, axes)
+        dtype = _numerics.accumulation_dtype(leaves)
+        lam = _numerics.resolve(clipping, state.count, dtype)
+        floor = _numerics.resolve(eps, state.count, dtype)
+        out, n_clipped = [], []
+        for g, gn, wn in zip(leaves, g_norms, w_norms, strict=True):
+            limit = lam * jnp.maximum(wn.astype(dtype), floor)
+            out.append(_numerics.scale(g, _numerics.factor(gn, limit)))
+            n_clipped.append(jnp.sum(gn > limit, dtype=jnp.int32))
+        units = sum(n.size for n in g_norms)
+        clipped = sum(n_clipped).astype(jnp.float32) / units if units else 0.0
+        leaf_norms = _numerics.group_norms(g_norms, [[i] for i in range(len(leaves))])
+        norm = jax.tree.unflatten(treedef, list(leaf_norms))
+        return jax.tree.unflatten(treedef, out), _state.advance(state, norm, clipped)
+
+    return optax.GradientTransformation(init_fn, update_fn)

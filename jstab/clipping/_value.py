@@ -1,0 +1,132 @@
+"""Elementwise clipping: ``clip_by_value`` and ``clip_by_range``."""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from jstab import _numerics
+from jstab._numerics import ScalarOrSchedule
+from jstab.clipping import _state
+from jstab.clipping._state import ClipState
+
+
+def _inward(bound: chex.Array, dtype: jnp.dtype, toward: float) -> chex.Array:
+    """``bound`` rounded into ``dtype``, toward ``toward`` if it is not exact.
+
+    Rounding to nearest could move a bound outward by half an ulp: a bfloat16
+    gradient clipped to 0.1 would come out as 0.10009765625. Rounded inward,
+    every output lies within the bound, and ``x > bound`` means the same in
+    both dtypes for every ``x`` of ``dtype``.
+    """
+    near = bound.astype(dtype)
+    outside = (
+        near.astype(bound.dtype) > bound
+        if toward < 0
+        else (near.astype(bound.dtype) < bound)
+    )
+    return jnp.where(outside, jnp.nextafter(near, jnp.asarray(toward, dtype)), near)
+
+
+def _clip_elements(updates, state: ClipState, lower, upper):
+    leaves, treedef = jax.tree.flatten(updates)
+    out, clipped = [], []
+    for x in leaves:
+        lo = _inward(lower, x.dtype, math.inf)
+        hi = _inward(upper, x.dtype, -math.inf)
+        out.append(jnp.clip(x, lo, hi))
+        clipped.append(jnp.sum((x < lo) | (x > hi), dtype=jnp.int32))
+    size = sum(x.size for x in leaves)
+    fraction = sum(clipped).astype(jnp.float32) / max(size, 1) if leaves else 0.0
+    norm = _numerics.global_norm(leaves, jnp.inf)
+    return jax.tree.unflatten(treedef, out), _state.advance(state, norm, fraction)
+
+
+def clip_by_value(max_abs: ScalarOrSchedule) -> optax.GradientTransformation:
+    r"""Clips every element of the gradient to ``[-max_abs, max_abs]``.
+
+    .. math::
+      g_i \leftarrow \min(\max(g_i, -c), c)
+
+    The rule of ``torch.nn.utils.clip_grad_value_`` and ``optax.clip``, with
+    a state: ``norm`` is the largest ``|g_i|`` before clipping and
+    ``clipped`` the fraction of elements that exceeded ``c``. The bound is
+    rounded toward zero into each leaf's dtype, so no output exceeds it.
+    Unlike norm clipping it changes the gradient's direction.
+
+    Args:
+      max_abs: the bound ``c > 0``: a float, a scalar array, or an
+        ``optax.Schedule`` of the step count.
+
+    Returns:
+      A :class:`optax.GradientTransformation` with a :class:`ClipState`.
+
+    Example:
+      >>> import jax.numpy as jnp, jstab
+      >>> tx = jstab.clip_by_value(1.0)
+      >>> g, state = tx.update(jnp.array([0.5, -3.0]), tx.init(None))
+      >>> g.tolist(), float(state.norm), float(state.clipped)
+      ([0.5, -1.0], 3.0, 0.5)
+
+    References:
+      Mikolov, `Statistical Language Models Based on Neural Networks
+      <https://www.fit.vut.cz/study/phd-thesis-file/283/283.pdf>`_, 2012
+    """
+    _numerics.check_threshold("max_abs", max_abs)
+
+    def init_fn(params: optax.Params) -> ClipState:
+        del params
+        return _state.init()
+
+    def update_fn(updates, state, params=None):
+        del params
+        dtype = _numerics.accumulation_dtype(jax.tree.leaves(updates))
+        c = _numerics.resolve(max_abs, state.count, dtype)
+        return _clip_elements(updates, state, -c, c)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def clip_by_range(
+    lower: ScalarOrSchedule, upper: ScalarOrSchedule
+) -> optax.GradientTransformation:
+    r"""Clips every element of the gradient to ``[lower, upper]``.
+
+    .. math::
+      g_i \leftarrow \min(\max(g_i, \alpha), \beta)
+
+    The asymmetric form of :func:`clip_by_value`. ``norm`` is the largest
+    ``|g_i|`` before clipping and ``clipped`` the fraction of elements outside
+    the range. The bounds are rounded inward into each leaf's dtype.
+
+    Args:
+      lower: the lower bound α: a float, a scalar array or a schedule.
+      upper: the upper bound β ≥ α, of the same kinds.
+
+    Returns:
+      A :class:`optax.GradientTransformation` with a :class:`ClipState`.
+    """
+    _numerics.check_threshold("lower", lower, strict=False)
+    _numerics.check_threshold("upper", upper, strict=False)
+    dynamic = (callable(v) or isinstance(v, jax.core.Tracer) for v in (lower, upper))
+    if not any(dynamic) and float(lower) > float(upper):  # type: ignore[arg-type]
+        raise ValueError(
+            f"`lower` must be <= `upper`, got lower={lower!r}, upper={upper!r}."
+        )
+
+    def init_fn(params: optax.Params) -> ClipState:
+        del params
+        return _state.init()
+
+    def update_fn(updates, state, params=None):
+        del params
+        dtype = _numerics.accumulation_dtype(jax.tree.leaves(updates))
+        lo = _numerics.resolve(lower, state.count, dtype)
+        hi = _numerics.resolve(upper, state.count, dtype)
+        return _clip_elements(updates, state, lo, hi)
+
+    return optax.GradientTransformation(init_fn, update_fn)
