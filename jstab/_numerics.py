@@ -3,17 +3,23 @@
 Norms are accumulated in :func:`compute_dtype` (float32 for bfloat16 and
 float16 leaves: a sum of squares of float16 values overflows at 65504) and
 are robust at both ends of the range. The fast path is one read of the
-gradients, a plain sum of squares. Only when that sum has overflowed to
-infinity, or is so small that squares may have underflowed to zero, does a
-``lax.cond`` take the slow path: divide by the largest magnitude first, as
-LAPACK's ``nrm2`` does, then sum. So float32 gradients of 1e30 have a finite
-norm, and gradients of 1e-25 an accurate one, at no cost to ordinary steps.
-One limit remains: a group whose every square underflows (all magnitudes
-below about 1e-19 in float32) reports a norm of 0.
+gradients, a plain sum of squares. Only when some sum has overflowed to
+infinity, or is so small that squares may have been lost to underflow, does
+one ``lax.cond`` take a second pass over the gradients, multiplied first by
+2**-64 or 2**64 (float32; exact powers of two). So float32 gradients of 1e30
+have a finite norm and gradients of 1e-30 an accurate one, at no cost to
+ordinary steps, and compiling costs one more reduction per leaf, not two.
+
+One limit remains, for per-layer and per-unit norms: a layer whose every
+square underflows (all magnitudes below about 1e-19 in float32) reports 0.
+Checking exact zeros too would cost the second pass at every step in which
+any layer's gradient is exactly zero (a frozen or unused parameter), so only
+the global norm does it.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 
 import chex
@@ -103,10 +109,9 @@ def static_ord(ord: object) -> float | None:
     """
     if isinstance(ord, jax.core.Tracer):
         return None
-    try:
+    value = None
+    if getattr(ord, "shape", None) == () or isinstance(ord, numbers.Real):
         value = float(ord)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        value = None
     if isinstance(ord, bool) or value not in (2.0, float("inf")):
         raise ValueError(f"`ord` must be 2 or jnp.inf, got {ord!r}.")
     return value
@@ -120,69 +125,52 @@ def select_ord(ord: object, l2: chex.Array, linf: chex.Array) -> chex.Array:
 # --------------------------------------------------------------------- norms
 
 
-def _sumsq(x: chex.Array, dtype: jnp.dtype, axis=None) -> chex.Array:
+def _sumsq(x: chex.Array, dtype: jnp.dtype, axis=None, r=None) -> chex.Array:
+    """Sum of squares of ``x`` (times ``r`` first, if given) in ``dtype``."""
+    x = x.astype(dtype)
+    if r is not None:
+        x = x * r
     keep = axis is not None
-    return jnp.sum(jnp.square(x.astype(dtype)), axis=axis, keepdims=keep)
+    return jnp.sum(jnp.square(x), axis=axis, keepdims=keep)
 
 
-def _maxabs(x: chex.Array, dtype: jnp.dtype, axis=None) -> chex.Array:
-    keep = axis is not None
-    return jnp.max(jnp.abs(x.astype(dtype)), axis=axis, keepdims=keep, initial=0)
+def _maxabs(x: chex.Array, dtype: jnp.dtype) -> chex.Array:
+    return jnp.max(jnp.abs(x.astype(dtype)), initial=0)
 
 
-def _needs_rescue(sumsq: chex.Array, dtype: jnp.dtype) -> chex.Array:
-    """True where a fast sum of squares overflowed or may have underflowed."""
-    # At or above sqrt(tiny), squares lost to underflow (each < tiny) change
-    # the sum by a relative n * sqrt(tiny): 1e-10 for 1e9 float32 elements.
-    small = np.sqrt(np.finfo(dtype).tiny).astype(dtype)
-    return jnp.isinf(sumsq) | (sumsq < small)
+def _rescale(sumsq: chex.Array, dtype: jnp.dtype, zero: bool) -> chex.Array:
+    """The power of two to multiply by before squaring again: 1 if none.
+
+    2**-64 (float32) where the sum overflowed; 2**64 where it is positive but
+    below sqrt(tiny), where squares lost to underflow could matter (above it,
+    they change the sum by a relative n * sqrt(tiny), 1e-10 for 1e9 float32
+    elements), and where it is 0 if ``zero``. Powers of two scale exactly.
+    """
+    info = np.finfo(dtype)
+    big = np.asarray(2.0 ** (info.maxexp // 2), dtype)
+    small = np.sqrt(info.tiny).astype(dtype)
+    tiny = ((sumsq >= 0) if zero else (sumsq > 0)) & (sumsq < small)
+    return jnp.where(jnp.isinf(sumsq), 1 / big, jnp.where(tiny, big, 1))
 
 
-def _scaled(m: chex.Array, t: chex.Array) -> chex.Array:
-    """``m * sqrt(t)``: a norm from its largest magnitude and scaled squares."""
-    return jnp.where(jnp.isfinite(m), m * jnp.sqrt(t), m)
+def _rescued(sums, dtype, zero=False):
+    """Norms from the fast sums ``sums()``, redone rescaled where needed.
 
+    ``sums(r)`` returns a list of sums of squares, each group's elements
+    multiplied by ``r[k]`` first (``r=None``: as they are). The second pass
+    runs, under one ``lax.cond``, only when some group needs it.
+    """
+    s = sums(None)
+    r = [_rescale(sk, dtype, zero) for sk in s]
+    need = jnp.any(jnp.stack([jnp.any(rk != 1) for rk in r]))
 
-def _group_l2(leaves, groups, dtype, axis_name: AxisName) -> chex.Array:
-    def combine(values, reduce, collective):
-        out = jnp.stack([reduce(jnp.stack([values[i] for i in g])) for g in groups])
-        return out if axis_name is None else collective(out, axis_name)
+    def fast(_):
+        return [jnp.sqrt(sk) for sk in s]
 
-    s = combine([_sumsq(x, dtype) for x in leaves], jnp.sum, lax.psum)
-    need = _needs_rescue(s, dtype)
+    def rescue(_):
+        return [jnp.sqrt(tk) / rk for tk, rk in zip(sums(r), r, strict=True)]
 
-    def one_group(xs):
-        m = jnp.max(jnp.stack([_maxabs(x, dtype) for x in xs]))
-        if axis_name is not None:
-            m = lax.pmax(m, axis_name)
-        safe = jnp.where(m > 0, m, 1)
-        t = sum(_sumsq(x.astype(dtype) / safe, dtype) for x in xs)
-        if axis_name is not None:
-            t = lax.psum(t, axis_name)
-        return _scaled(m, t)
-
-    def slow(leaves):
-        # Each group pays for the rescue only if it needs it: a layer whose
-        # gradient is exactly zero costs two reads of that layer alone.
-        return jnp.stack(
-            [
-                lax.cond(
-                    need[k],
-                    one_group,
-                    lambda _, k=k: jnp.sqrt(s[k]),
-                    [leaves[i] for i in g],
-                )
-                for k, g in enumerate(groups)
-            ]
-        )
-
-    return lax.cond(jnp.any(need), slow, lambda _: jnp.sqrt(s), list(leaves))
-
-
-def _group_max(leaves, groups, dtype, axis_name: AxisName) -> chex.Array:
-    m = [_maxabs(x, dtype) for x in leaves]
-    out = jnp.stack([jnp.max(jnp.stack([m[i] for i in g])) for g in groups])
-    return out if axis_name is None else lax.pmax(out, axis_name)
+    return lax.cond(need, rescue, fast, None)
 
 
 def group_norms(
@@ -190,58 +178,73 @@ def group_norms(
     groups: Sequence[Sequence[int]],
     ord: object = 2,
     axis_name: AxisName = None,
-) -> chex.Array:
-    """The ``ord``-norm of each group of whole leaves, as a vector.
+    zero: bool = False,
+) -> list[chex.Array]:
+    """The ``ord``-norm of each group of whole leaves: one scalar per group.
 
     ``groups[k]`` lists the indices of the leaves forming group ``k``. The
-    result has the accumulation dtype of the leaves. With ``axis_name``, sums
+    norms have the accumulation dtype of the leaves. With ``axis_name``, sums
     are combined with ``lax.psum`` and maxima with ``lax.pmax`` over it.
+    With ``zero``, a group whose fast sum is exactly 0 is rescaled too.
     """
     dtype = accumulation_dtype(leaves)
     if not groups:
-        return jnp.zeros((0,), dtype)
+        return []
+
+    def linf():
+        m = [jnp.max(jnp.stack([_maxabs(leaves[i], dtype) for i in g])) for g in groups]
+        return m if axis_name is None else lax.pmax(m, axis_name)
+
+    def sums(r):
+        out = [
+            sum(_sumsq(leaves[i], dtype, r=None if r is None else r[k]) for i in g)
+            for k, g in enumerate(groups)
+        ]
+        return out if axis_name is None else lax.psum(out, axis_name)
+
     which = static_ord(ord)
     if which == np.inf:
-        return _group_max(leaves, groups, dtype, axis_name)
-    l2 = _group_l2(leaves, groups, dtype, axis_name)
+        return linf()
+    l2 = _rescued(sums, dtype, zero)
     if which == 2.0:
         return l2
-    return select_ord(ord, l2, _group_max(leaves, groups, dtype, axis_name))
+    return [select_ord(ord, a, b) for a, b in zip(l2, linf(), strict=True)]
 
 
 def global_norm(
     leaves: Sequence[chex.Array], ord: object = 2, axis_name: AxisName = None
 ) -> chex.Array:
-    """The ``ord``-norm of all ``leaves`` together, a scalar (0 if none)."""
+    """The ``ord``-norm of all ``leaves`` together, a scalar (0 if none).
+
+    A sum of squares of exactly 0 is checked by the rescaled pass too: a whole
+    gradient that is zero is rare, and one whose squares all underflow is
+    what a vanishing-gradient problem looks like.
+    """
     if not leaves:
         return jnp.zeros((), jnp.float32)
-    return group_norms(leaves, [range(len(leaves))], ord, axis_name)[0]
+    return group_norms(leaves, [range(len(leaves))], ord, axis_name, zero=True)[0]
 
 
 def unit_norms(
-    leaves: Sequence[chex.Array], axes: Sequence[tuple[int, ...]]
+    leaves: Sequence[chex.Array],
+    axes: Sequence[tuple[int, ...]],
+    rescue: bool = True,
 ) -> list[chex.Array]:
     """L2 norms of ``leaves[i]`` over ``axes[i]``, keeping dimensions.
 
     Each result has the rank of its leaf and the accumulation dtype of all
-    leaves; the same rescue as :func:`group_norms` applies to every unit.
+    leaves; the same rescue as :func:`group_norms` applies to every unit,
+    unless ``rescue=False`` (plain sums of squares: half the compile time,
+    for norms whose extremes do not matter).
     """
     if not leaves:
         return []
     dtype = accumulation_dtype(leaves)
-    s = [_sumsq(x, dtype, a) for x, a in zip(leaves, axes, strict=True)]
-    need = [_needs_rescue(si, dtype) for si in s]
 
-    def one_leaf(x, a, si, ni):
-        def slow(x):
-            m = _maxabs(x, dtype, a)
-            t = _sumsq(x.astype(dtype) / jnp.where(m > 0, m, 1), dtype, a)
-            return jnp.where(ni, _scaled(m, t), jnp.sqrt(si))
+    def sums(r):
+        return [
+            _sumsq(x, dtype, a, None if r is None else r[i])
+            for i, (x, a) in enumerate(zip(leaves, axes, strict=True))
+        ]
 
-        return lax.cond(jnp.any(ni), slow, lambda _: jnp.sqrt(si), x)
-
-    def slow(leaves):
-        return [one_leaf(*args) for args in zip(leaves, axes, s, need, strict=True)]
-
-    any_need = jnp.any(jnp.stack([jnp.any(n) for n in need]))
-    return lax.cond(any_need, slow, lambda _: [jnp.sqrt(si) for si in s], list(leaves))
+    return _rescued(sums, dtype) if rescue else [jnp.sqrt(t) for t in sums(None)]

@@ -88,16 +88,17 @@ def clip_by_layer_norm(
         del params
         leaves, groups, pack = _layers(updates, per)
         norms = _numerics.group_norms(leaves, groups, ord)
-        threshold = _numerics.resolve(max_norm, state.count, norms.dtype)
-        factors = _numerics.factor(norms, threshold)
+        dtype = _numerics.accumulation_dtype(leaves)
+        threshold = _numerics.resolve(max_norm, state.count, dtype)
         out = list(leaves)
-        for k, group in enumerate(groups):
+        for norm, group in zip(norms, groups, strict=True):
+            factor = _numerics.factor(norm, threshold)
             for i in group:
-                out[i] = _numerics.scale(leaves[i], factors[k])
-        over = norms > threshold
-        clipped = jnp.mean(over.astype(jnp.float32)) if groups else 0.0
+                out[i] = _numerics.scale(leaves[i], factor)
+        over = sum(jnp.int32(n > threshold) for n in norms)
+        clipped = over.astype(jnp.float32) / len(groups) if groups else 0.0
         treedef = jax.tree.structure(updates)
-        new_state = _state.advance(state, pack(list(norms)), clipped)
+        new_state = _state.advance(state, pack(norms), clipped)
         return jax.tree.unflatten(treedef, out), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jstab import _numerics
@@ -15,21 +17,40 @@ from jstab.clipping import _state
 from jstab.clipping._state import ClipState
 
 
-def _inward(bound: chex.Array, dtype: jnp.dtype, toward: float) -> chex.Array:
+def _inward(bound, dtype: jnp.dtype, toward: float) -> chex.Array:
     """``bound`` rounded into ``dtype``, toward ``toward`` if it is not exact.
 
     Rounding to nearest could move a bound outward by half an ulp: a bfloat16
-    gradient clipped to 0.1 would come out as 0.10009765625. Rounded inward,
-    every output lies within the bound, and ``x > bound`` means the same in
-    both dtypes for every ``x`` of ``dtype``.
+    gradient clipped to 0.1 would come out as 0.10009765625, a float32 one as
+    0.10000000149. Rounded inward, every output lies within the bound, and
+    ``x > bound`` means the same in both dtypes for every ``x`` of ``dtype``.
+    A Python number is rounded from its exact (float64) value, in NumPy, at
+    trace time; an array or a schedule's value from its own dtype.
     """
+    if isinstance(bound, float):
+        near = np.asarray(bound).astype(dtype)
+        if float(near) > bound if toward < 0 else float(near) < bound:
+            near = np.nextafter(near, np.asarray(toward, dtype))
+        return jnp.asarray(near, dtype)
     near = bound.astype(dtype)
-    outside = (
-        near.astype(bound.dtype) > bound
-        if toward < 0
-        else (near.astype(bound.dtype) < bound)
-    )
+    wide = near.astype(bound.dtype)
+    outside = wide > bound if toward < 0 else wide < bound
     return jnp.where(outside, jnp.nextafter(near, jnp.asarray(toward, dtype)), near)
+
+
+def _static(value: object) -> float | None:
+    """``value`` as a float if it is a plain number, else ``None``."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, np.ndarray) and value.shape == ():
+        return float(value)
+    return None
+
+
+def _bound(value, count, dtype):
+    """A bound for :func:`_inward`: a float if static, else an array."""
+    static = _static(value)
+    return static if static is not None else _numerics.resolve(value, count, dtype)
 
 
 def _clip_elements(updates, state: ClipState, lower, upper):
@@ -85,7 +106,7 @@ def clip_by_value(max_abs: ScalarOrSchedule) -> optax.GradientTransformation:
     def update_fn(updates, state, params=None):
         del params
         dtype = _numerics.accumulation_dtype(jax.tree.leaves(updates))
-        c = _numerics.resolve(max_abs, state.count, dtype)
+        c = _bound(max_abs, state.count, dtype)
         return _clip_elements(updates, state, -c, c)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -125,8 +146,8 @@ def clip_by_range(
     def update_fn(updates, state, params=None):
         del params
         dtype = _numerics.accumulation_dtype(jax.tree.leaves(updates))
-        lo = _numerics.resolve(lower, state.count, dtype)
-        hi = _numerics.resolve(upper, state.count, dtype)
+        lo = _bound(lower, state.count, dtype)
+        hi = _bound(upper, state.count, dtype)
         return _clip_elements(updates, state, lo, hi)
 
     return optax.GradientTransformation(init_fn, update_fn)

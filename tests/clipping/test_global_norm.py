@@ -68,7 +68,7 @@ class ClipByGlobalNormTest(chex.TestCase):
             bad, _ = optax.clip_by_global_norm(1.0).update(g, optax.EmptyState())
             self.assertFalse(np.any(np.asarray(bad["w"], np.float32) == 0.25))
 
-    @parameterized.parameters(1e30, 1e-30, 1e-20, 1e19)
+    @parameterized.parameters(1e30, 1e-30, 1e-20, 1e-17, 1e19)
     def test_extreme_magnitudes_keep_direction(self, magnitude):
         rng = np.random.default_rng(2)
         base = rng.normal(size=(50,))
