@@ -226,25 +226,15 @@ def global_norm(
 
 
 def unit_norms(
-    leaves: Sequence[chex.Array],
-    axes: Sequence[tuple[int, ...]],
-    rescue: bool = True,
+    leaves: Sequence[chex.Array], axes: Sequence[tuple[int, ...]]
 ) -> list[chex.Array]:
     """L2 norms of ``leaves[i]`` over ``axes[i]``, keeping dimensions.
 
     Each result has the rank of its leaf and the accumulation dtype of all
-    leaves; the same rescue as :func:`group_norms` applies to every unit,
-    unless ``rescue=False`` (plain sums of squares: half the compile time,
-    for norms whose extremes do not matter).
+    leaves. Plain sums of squares, without :func:`group_norms`' rescue:
+    checking every unit of every leaf costs a quarter of an optimizer step on
+    CPU, so callers accept that a unit with elements above ~1e19 (float32) has
+    an infinite norm and one with all elements below ~1e-19 a norm of 0.
     """
-    if not leaves:
-        return []
     dtype = accumulation_dtype(leaves)
-
-    def sums(r):
-        return [
-            _sumsq(x, dtype, a, None if r is None else r[i])
-            for i, (x, a) in enumerate(zip(leaves, axes, strict=True))
-        ]
-
-    return _rescued(sums, dtype) if rescue else [jnp.sqrt(t) for t in sums(None)]
+    return [jnp.sqrt(_sumsq(x, dtype, a)) for x, a in zip(leaves, axes, strict=True)]

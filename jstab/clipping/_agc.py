@@ -67,7 +67,9 @@ def adaptive_grad_clip(
 
     State: ``norm`` is a tree of float32 scalars, the gradient L2 norm of
     each leaf; ``clipped`` the fraction of all units clipped. Norms are
-    accumulated as in :func:`clip_by_global_norm`.
+    accumulated in float32 (or wider), as plain sums of squares: a unit whose
+    gradient has elements above ~1e19 has an infinite norm and is zeroed,
+    and a leaf whose every element is below ~1e-19 reports a norm of 0.
 
     Args:
       clipping: λ > 0, the largest allowed ratio of a unit's gradient norm
@@ -104,10 +106,8 @@ def adaptive_grad_clip(
         leaves, treedef = jax.tree.flatten(updates)
         weights = treedef.flatten_up_to(params)
         axes = [_unit_axes(g, axis) for g in leaves]
-        g_norms = _numerics.unit_norms(leaves, axes)
-        # Weight norms below eps are replaced by eps, and weights of 1e19 do not
-        # occur: no rescue needed, which halves the compile time.
-        w_norms = _numerics.unit_norms(weights, axes, rescue=False)
+        g_norms = _numerics.unit_norms(leaves, axes)  # an inf norm zeroes its unit
+        w_norms = _numerics.unit_norms(weights, axes)
         dtype = _numerics.accumulation_dtype(leaves)
         lam = _numerics.resolve(clipping, state.count, dtype)
         floor = _numerics.resolve(eps, state.count, dtype)

@@ -53,17 +53,52 @@ def _bound(value, count, dtype):
     return static if static is not None else _numerics.resolve(value, count, dtype)
 
 
-def _clip_elements(updates, state: ClipState, lower, upper):
+def _clip_elements(updates, state: ClipState, lower, upper, symmetric: bool):
+    """Clips every element to [lower, upper] and records what it did.
+
+    The statistics cost one reduction (two for an asymmetric range): the
+    largest |g|, or the largest and smallest g, per leaf, which also say
+    whether anything was clipped. The exact count of clipped elements is
+    taken only then, under a ``lax.cond``: on XLA's CPU backend a reduction
+    that compares against a scalar materialises the broadcast scalar and
+    would double the cost of every step.
+    """
     leaves, treedef = jax.tree.flatten(updates)
-    out, clipped = [], []
-    for x in leaves:
-        lo = _inward(lower, x.dtype, math.inf)
-        hi = _inward(upper, x.dtype, -math.inf)
-        out.append(jnp.clip(x, lo, hi))
-        clipped.append(jnp.sum((x < lo) | (x > hi), dtype=jnp.int32))
-    size = sum(x.size for x in leaves)
-    fraction = sum(clipped).astype(jnp.float32) / max(size, 1) if leaves else 0.0
-    norm = _numerics.global_norm(leaves, jnp.inf)
+    bounds = [
+        (_inward(lower, x.dtype, math.inf), _inward(upper, x.dtype, -math.inf))
+        for x in leaves
+    ]
+    out = [jnp.clip(x, lo, hi) for x, (lo, hi) in zip(leaves, bounds, strict=True)]
+    dtype = _numerics.accumulation_dtype(leaves)
+    norm, acted = jnp.zeros((), dtype), jnp.zeros((), bool)
+    for x, (lo, hi) in zip(leaves, bounds, strict=True):
+        if x.size == 0:
+            continue
+        if symmetric:
+            top = jnp.max(jnp.abs(x))
+            acted |= top > hi
+        else:
+            top, bottom = jnp.max(x), jnp.min(x)
+            acted |= (top > hi) | (bottom < lo)
+            top = jnp.maximum(top, -bottom)
+        norm = jnp.maximum(norm, top.astype(dtype))
+
+    def count(_):
+        # sign(max(x - hi, 0)) is 1 exactly where x > hi (both in x's dtype;
+        # the difference is at least an ulp of hi, so normal unless |hi| is
+        # below ~1e-31 in float32) and sums faster than a compare on CPU.
+        n = []
+        for x, (lo, hi) in zip(leaves, bounds, strict=True):
+            if symmetric:
+                over = jnp.sign(jnp.maximum(jnp.abs(x) - hi, 0))
+            else:
+                over = jnp.sign(jnp.maximum(x - hi, 0) + jnp.maximum(lo - x, 0))
+            n.append(jnp.sum(over, dtype=dtype))
+        return sum(n, jnp.zeros((), dtype))
+
+    size = max(sum(x.size for x in leaves), 1)
+    n_clipped = jax.lax.cond(acted, count, lambda _: jnp.zeros((), dtype), None)
+    fraction = n_clipped.astype(jnp.float32) / size
     return jax.tree.unflatten(treedef, out), _state.advance(state, norm, fraction)
 
 
@@ -107,7 +142,7 @@ def clip_by_value(max_abs: ScalarOrSchedule) -> optax.GradientTransformation:
         del params
         dtype = _numerics.accumulation_dtype(jax.tree.leaves(updates))
         c = _bound(max_abs, state.count, dtype)
-        return _clip_elements(updates, state, -c, c)
+        return _clip_elements(updates, state, -c, c, symmetric=True)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -148,6 +183,6 @@ def clip_by_range(
         dtype = _numerics.accumulation_dtype(jax.tree.leaves(updates))
         lo = _bound(lower, state.count, dtype)
         hi = _bound(upper, state.count, dtype)
-        return _clip_elements(updates, state, lo, hi)
+        return _clip_elements(updates, state, lo, hi, symmetric=False)
 
     return optax.GradientTransformation(init_fn, update_fn)
