@@ -119,7 +119,7 @@ def static_ord(ord: object) -> float | None:
 
 def select_ord(ord: object, l2: chex.Array, linf: chex.Array) -> chex.Array:
     """The norm ``ord`` names; a traced ``ord`` other than inf means 2."""
-    return jnp.where(jnp.asarray(ord) == jnp.inf, linf, l2)
+    return jnp.where(jnp.isposinf(jnp.asarray(ord).astype(linf.dtype)), linf, l2)
 
 
 # --------------------------------------------------------------------- norms
@@ -154,7 +154,7 @@ def _rescale(sumsq: chex.Array, dtype: jnp.dtype, zero: bool) -> chex.Array:
 
 
 def _rescued(sums, dtype, zero=False):
-    """Norms from the fast sums ``sums()``, redone rescaled where needed.
+    """Norms from the fast sums ``sums(None)``, redone rescaled where needed.
 
     ``sums(r)`` returns a list of sums of squares, each group's elements
     multiplied by ``r[k]`` first (``r=None``: as they are). The second pass
@@ -162,7 +162,7 @@ def _rescued(sums, dtype, zero=False):
     """
     s = sums(None)
     r = [_rescale(sk, dtype, zero) for sk in s]
-    need = jnp.any(jnp.stack([jnp.any(rk != 1) for rk in r]))
+    need = jnp.any(jnp.stack([rk != 1 for rk in r]))
 
     def fast(_):
         return [jnp.sqrt(sk) for sk in s]

@@ -128,6 +128,15 @@ class ClipByGlobalNormTest(chex.TestCase):
         with pytest.raises(ValueError, match="ord"):
             jstab.clip_by_global_norm(1.0, ord=ord)
 
+    def test_inject_hyperparams_under_strict_promotion(self):
+        # inject_hyperparams turns the default ord=2 into an int32 array.
+        g = {"a": jnp.array([3.0, -4.0])}
+        tx = optax.inject_hyperparams(jstab.clip_by_global_norm)(max_norm=1.0)
+        out, state = jax.jit(tx.update)(g, tx.init(g))
+        assert state.hyperparams["ord"].dtype == jnp.int32
+        np.testing.assert_allclose(out["a"], [0.6, -0.8], rtol=1e-6)
+        self.assertEqual(float(optax.tree.get(state, "norm")), 5.0)
+
     def test_ord_as_concrete_array(self):
         g = {"a": jnp.array([3.0, -4.0])}
         tx = jstab.clip_by_global_norm(1.0, ord=jnp.asarray(jnp.inf))
