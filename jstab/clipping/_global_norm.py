@@ -8,7 +8,6 @@ import optax
 from jstab import _numerics
 from jstab._numerics import AxisName, ScalarOrSchedule
 from jstab.clipping import _state
-from jstab.clipping._state import ClipState
 
 
 def clip_by_global_norm(
@@ -67,10 +66,6 @@ def clip_by_global_norm(
     _numerics.check_threshold("max_norm", max_norm)
     _numerics.static_ord(ord)
 
-    def init_fn(params: optax.Params) -> ClipState:
-        del params
-        return _state.init()
-
     def update_fn(updates, state, params=None):
         del params
         leaves, treedef = jax.tree.flatten(updates)
@@ -81,4 +76,4 @@ def clip_by_global_norm(
         clipped = norm > threshold
         return jax.tree.unflatten(treedef, out), _state.advance(state, norm, clipped)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(_state.init_scalar, update_fn)

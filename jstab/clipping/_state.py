@@ -7,6 +7,7 @@ from typing import NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import optax
 
 from jstab import _numerics
 
@@ -47,6 +48,12 @@ def init(norm: chex.ArrayTree = None) -> ClipState:
         clip_count=jnp.zeros((), jnp.int32),
         count=jnp.zeros((), jnp.int32),
     )
+
+
+def init_scalar(params: optax.Params) -> ClipState:
+    """The ``init`` of a rule whose ``norm`` is a scalar: params do not matter."""
+    del params
+    return init()
 
 
 def advance(state: ClipState, norm: chex.ArrayTree, clipped: chex.Array) -> ClipState:

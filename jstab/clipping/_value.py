@@ -134,17 +134,13 @@ def clip_by_value(max_abs: ScalarOrSchedule) -> optax.GradientTransformation:
     """
     _numerics.check_threshold("max_abs", max_abs)
 
-    def init_fn(params: optax.Params) -> ClipState:
-        del params
-        return _state.init()
-
     def update_fn(updates, state, params=None):
         del params
         dtype = _numerics.accumulation_dtype(jax.tree.leaves(updates))
         c = _bound(max_abs, state.count, dtype)
         return _clip_elements(updates, state, -c, c, symmetric=True)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(_state.init_scalar, update_fn)
 
 
 def clip_by_range(
@@ -174,10 +170,6 @@ def clip_by_range(
             f"`lower` must be <= `upper`, got lower={lower!r}, upper={upper!r}."
         )
 
-    def init_fn(params: optax.Params) -> ClipState:
-        del params
-        return _state.init()
-
     def update_fn(updates, state, params=None):
         del params
         dtype = _numerics.accumulation_dtype(jax.tree.leaves(updates))
@@ -185,4 +177,4 @@ def clip_by_range(
         hi = _bound(upper, state.count, dtype)
         return _clip_elements(updates, state, lo, hi, symmetric=False)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(_state.init_scalar, update_fn)
