@@ -89,7 +89,6 @@ def adaptive_grad_clip(
       Normalization <https://arxiv.org/abs/2102.06171>`_, 2021
     """
     _numerics.check_threshold("clipping", clipping)
-    _numerics.check_threshold("eps", eps, strict=False)
     if not (callable(eps) or isinstance(eps, jax.core.Tracer)):
         _checks.nonnegative("eps", eps)
     axis = _static_axis(axis)
