@@ -6,12 +6,18 @@ diagnostics that tell which of the two problems a model has.
 """
 
 from jstab.clipping import (
+    AutoClipState,
     ClipState,
+    SkipState,
+    ZClipState,
     adaptive_grad_clip,
+    autoclip,
     clip_by_global_norm,
     clip_by_layer_norm,
     clip_by_range,
     clip_by_value,
+    skip_on_spike,
+    zclip,
 )
 from jstab.init import (
     Initializer,
@@ -38,10 +44,14 @@ from jstab.init import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoClipState",
     "ClipState",
     "Initializer",
+    "SkipState",
+    "ZClipState",
     "__version__",
     "adaptive_grad_clip",
+    "autoclip",
     "calculate_gain",
     "clip_by_global_norm",
     "clip_by_layer_norm",
@@ -58,10 +68,12 @@ __all__ = [
     "lecun_normal",
     "lecun_uniform",
     "orthogonal",
+    "skip_on_spike",
     "small_normal",
     "small_uniform",
     "truncated_normal",
     "variance_scaling",
     "xavier_normal",
     "xavier_uniform",
+    "zclip",
 ]

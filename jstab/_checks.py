@@ -59,6 +59,26 @@ def positive(name: str, value: object) -> float:
     return result
 
 
+def integer_at_least(name: str, value: object, low: int) -> int:
+    """Returns ``value`` as an int ≥ ``low``, or raises naming ``name``.
+
+    Accepts Python and NumPy integers and concrete 0-d integer arrays (what
+    ``optax.inject_hyperparams`` passes); not bools.
+    """
+    dtype = getattr(value, "dtype", None)
+    integral = isinstance(value, numbers.Integral) or (
+        getattr(value, "shape", None) == () and np.issubdtype(dtype, np.integer)
+    )
+    if isinstance(value, bool | np.bool_) or not integral:
+        raise TypeError(f"`{name}` must be an int, got {value!r}.")
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(f"`{name}` must be a concrete int, got a traced value.")
+    result = int(value)  # type: ignore[call-overload]
+    if result < low:
+        raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")
+    return result
+
+
 def one_of(name: str, value: object, options: Sequence[str]) -> str:
     """Returns ``value`` if it is one of ``options``, or raises naming ``name``."""
     if value not in options:

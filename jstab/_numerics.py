@@ -79,6 +79,11 @@ def factor(norm: chex.Array, threshold: chex.Array) -> chex.Array:
 # ---------------------------------------------------------------- thresholds
 
 
+def is_traced(value: object) -> bool:
+    """Whether ``value`` is traced (``inject_hyperparams`` under jit)."""
+    return isinstance(value, jax.core.Tracer)
+
+
 def check_threshold(name: str, value: object, *, strict: bool = True) -> None:
     """Raises unless ``value`` is a schedule, a traced value or a number > 0.
 
@@ -86,7 +91,7 @@ def check_threshold(name: str, value: object, *, strict: bool = True) -> None:
     traced under jit) cannot be checked when the transform is built. With
     ``strict=False`` the number may be 0 or negative: only finiteness counts.
     """
-    if callable(value) or isinstance(value, jax.core.Tracer):
+    if callable(value) or is_traced(value):
         return
     if strict:
         _checks.positive(name, value)

@@ -1,16 +1,25 @@
 """Clipping as Optax gradient transformations whose state records what they did."""
 
 from jstab.clipping._agc import adaptive_grad_clip
+from jstab.clipping._autoclip import AutoClipState, autoclip
 from jstab.clipping._global_norm import clip_by_global_norm
 from jstab.clipping._layer_norm import clip_by_layer_norm
+from jstab.clipping._skip import SkipState, skip_on_spike
 from jstab.clipping._state import ClipState
 from jstab.clipping._value import clip_by_range, clip_by_value
+from jstab.clipping._zclip import ZClipState, zclip
 
 __all__ = [
+    "AutoClipState",
     "ClipState",
+    "SkipState",
+    "ZClipState",
     "adaptive_grad_clip",
+    "autoclip",
     "clip_by_global_norm",
     "clip_by_layer_norm",
     "clip_by_range",
     "clip_by_value",
+    "skip_on_spike",
+    "zclip",
 ]

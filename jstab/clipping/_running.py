@@ -1,0 +1,97 @@
+"""Running mean and variance of the gradient norm, as ZClip keeps them.
+
+For the first ``warmup_steps`` norms the statistics are the exact mean and
+population variance of the norms seen (Welford's update, stable in float32);
+after that an exponential moving average with weight ``alpha`` on the past:
+
+.. math::
+  \\mu \\leftarrow \\alpha \\mu + (1 - \\alpha) v, \\qquad
+  \\sigma^2 \\leftarrow \\alpha \\sigma^2 + (1 - \\alpha) (v - \\mu)^2
+
+with the new μ in the variance, as the ZClip authors' code does. Everything
+is float32 scalars; no branch depends on a traced value.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import chex
+import jax.numpy as jnp
+
+from jstab import _checks, _numerics
+
+
+class Moments(NamedTuple):
+    """Mean, population variance and how many norms entered them."""
+
+    mean: chex.Array
+    var: chex.Array
+    samples: chex.Array
+
+
+def init() -> Moments:
+    zero = jnp.zeros((), jnp.float32)
+    return Moments(mean=zero, var=zero, samples=jnp.zeros((), jnp.int32))
+
+
+def ready(moments: Moments, warmup_steps: chex.Numeric) -> chex.Array:
+    """True once ``warmup_steps`` norms have entered the statistics."""
+    return moments.samples >= jnp.asarray(warmup_steps).astype(jnp.int32)
+
+
+def observe(
+    moments: Moments,
+    value: chex.Array,
+    take: chex.Array,
+    alpha: chex.Numeric,
+    warmup_steps: chex.Numeric,
+) -> Moments:
+    """The statistics after ``value`` enters them, if ``take`` (else unchanged).
+
+    Before :func:`ready`, Welford's update of the exact mean and population
+    variance; after, the exponential moving average with weight ``alpha``.
+    """
+    v = value.astype(jnp.float32)
+    alpha = jnp.asarray(alpha).astype(jnp.float32)
+    mean, var, samples = moments
+    # Welford, with the variance kept divided by the sample count.
+    n = (samples + 1).astype(jnp.float32)
+    delta = v - mean
+    w_mean = mean + delta / n
+    w_var = var + (delta * (v - w_mean) - var) / n
+    # Exponential moving average, with the new mean in the variance.
+    e_mean = alpha * mean + (1 - alpha) * v
+    e_var = alpha * var + (1 - alpha) * jnp.square(v - e_mean)
+    warm = ready(moments, warmup_steps)
+    new = Moments(
+        mean=jnp.where(warm, e_mean, w_mean),
+        var=jnp.where(warm, e_var, w_var),
+        samples=_numerics.safe_increment(samples),
+    )
+    return Moments(*(jnp.where(take, a, b) for a, b in zip(new, moments, strict=True)))
+
+
+def zscore(norm: chex.Array, moments: Moments, eps: chex.Numeric):
+    """``(z, σ)`` with ``z = (‖g‖ − μ) / (σ + eps)``, in float32.
+
+    ``eps > 0`` is checked when the transform is built; a traced ``eps`` of 0
+    with σ = 0 gives ``z = ±inf`` (or 0 when ‖g‖ = μ), never NaN.
+    """
+    std = jnp.sqrt(moments.var)
+    den = std + jnp.asarray(eps).astype(jnp.float32)
+    diff = norm.astype(jnp.float32) - moments.mean
+    safe = jnp.where(den > 0, den, 1)
+    inf = jnp.where(diff > 0, jnp.inf, jnp.where(diff < 0, -jnp.inf, 0))
+    z = jnp.where(den > 0, diff / safe, inf)
+    return z, std
+
+
+def check(alpha: object, warmup_steps: object) -> None:
+    """Raises unless ``alpha`` is in (0, 1) and ``warmup_steps`` an int ≥ 1."""
+    if not _numerics.is_traced(alpha):
+        a = _checks.real_number("alpha", alpha)
+        if not 0 < a < 1:
+            raise ValueError(f"`alpha` must be in (0, 1), got {alpha!r}.")
+    if not _numerics.is_traced(warmup_steps):
+        _checks.integer_at_least("warmup_steps", warmup_steps, 1)
