@@ -58,6 +58,37 @@ SCRIPT = textwrap.dedent(
         np.testing.assert_allclose(norm, want_state.norm, rtol=2e-6)
         for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
             np.testing.assert_allclose(a, b, rtol=2e-6, atol=0)
+
+    # The adaptive rules over a few steps with a spike, both ways.
+    def adaptive(axis_name=None):
+        return [
+            jstab.autoclip(25.0, history=3, axis_name=axis_name),
+            jstab.zclip(warmup_steps=2, axis_name=axis_name),
+            jstab.skip_on_spike(optax.sgd(0.1), z_thresh=2.0, warmup_steps=2,
+                                axis_name=axis_name),
+        ]
+
+    scales = [1.0, 1.5, 1.2, 40.0]
+    for ref, tx in zip(adaptive(), adaptive("d")):
+        state, jstate, sstate = ref.init(g), tx.init(g), tx.init(g)
+        jit_step = jax.jit(ref.update)
+
+        def local(g, state):
+            return tx.update(g, state)
+
+        smap = jax.jit(jax.shard_map(
+            local, mesh=mesh, in_specs=(P("d"), P()), out_specs=(P("d"), P())))
+        for s in scales:
+            gi = jax.tree.map(lambda x: x * s, g)
+            want, state = ref.update(gi, state)
+            got, jstate = jit_step(jax.device_put(gi, shard), jstate)
+            out, sstate = smap(jax.device_put(gi, shard), sstate)
+            for other in [(got, jstate), (out, sstate)]:
+                for a, b in zip(jax.tree.leaves((want, state)),
+                                jax.tree.leaves(other)):
+                    np.testing.assert_allclose(a, b, rtol=2e-6, atol=0)
+        assert int(optax.tree.get(state, "clip_count")
+                   if hasattr(state, "clip_count") else state.skip_count) >= 1
     print("ok")
     """
 )
