@@ -89,14 +89,17 @@ def variants() -> dict[str, optax.GradientTransformation]:
         "jstab.clip_by_range": jstab.clip_by_range(-1e-3, 1e-3),
         "jstab.clip_by_layer_norm": jstab.clip_by_layer_norm(0.1),
         "jstab.adaptive_grad_clip": jstab.adaptive_grad_clip(0.01),
+        "jstab.autoclip": jstab.autoclip(10.0, history=1000),
+        "jstab.zclip": jstab.zclip(),
         "optax.clip_by_global_norm": optax.clip_by_global_norm(1.0),
         "optax.clip": optax.clip(1e-3),
         "optax.clip_by_block_rms": optax.clip_by_block_rms(1e-4),
         "optax.adaptive_grad_clip": optax.adaptive_grad_clip(0.01),
     }
-    return {"optax.adam (baseline)": adam} | {
-        name: optax.chain(clip, adam) for name, clip in clips.items()
-    }
+    chained = {name: optax.chain(clip, adam) for name, clip in clips.items()}
+    # A wrapper, not a link of the chain: it holds Adam's state.
+    wrapped = {"jstab.skip_on_spike": jstab.skip_on_spike(adam, z_thresh=3.0)}
+    return {"optax.adam (baseline)": adam} | chained | wrapped
 
 
 class Runner:

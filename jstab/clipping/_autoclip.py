@@ -154,13 +154,12 @@ def autoclip(
     def init_fn(params):
         size = _checks.integer_at_least("history", history, 1)
         scalar = _state.init_scalar(params)
-        zero = jnp.zeros((), jnp.int32)
         return AutoClipState(
             *scalar,
             threshold=jnp.zeros((), jnp.float32),
             history=jnp.zeros((size,), jnp.float32),
-            filled=zero,
-            position=zero,
+            filled=jnp.zeros((), jnp.int32),
+            position=jnp.zeros((), jnp.int32),
         )
 
     def update_fn(updates, state, params=None):

@@ -31,8 +31,12 @@ class Moments(NamedTuple):
 
 
 def init() -> Moments:
-    zero = jnp.zeros((), jnp.float32)
-    return Moments(mean=zero, var=zero, samples=jnp.zeros((), jnp.int32))
+    # Distinct arrays: a state whose leaves share a buffer cannot be donated.
+    return Moments(
+        mean=jnp.zeros((), jnp.float32),
+        var=jnp.zeros((), jnp.float32),
+        samples=jnp.zeros((), jnp.int32),
+    )
 
 
 def ready(moments: Moments, warmup_steps: chex.Numeric) -> chex.Array:

@@ -119,12 +119,11 @@ def skip_on_spike(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
-        zero = jnp.zeros((), jnp.int32)
         return SkipState(
             inner_state=inner.init(params),
             skipped=jnp.zeros((), jnp.bool_),
-            skip_count=zero,
-            count=zero,
+            skip_count=jnp.zeros((), jnp.int32),
+            count=jnp.zeros((), jnp.int32),
             norm=jnp.zeros((), jnp.float32),
             **_running.init()._asdict(),
         )

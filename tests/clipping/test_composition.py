@@ -10,7 +10,15 @@ import optax
 import pytest
 
 import jstab
-from jstab.clipping import _agc, _global_norm, _layer_norm, _value
+from jstab.clipping import (
+    _agc,
+    _autoclip,
+    _global_norm,
+    _layer_norm,
+    _skip,
+    _value,
+    _zclip,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -85,6 +93,50 @@ def test_multisteps_masked_and_apply_if_finite(name):
     assert int(optax.tree.get(state, "clip_count")) == 2
 
 
+ADAPTIVE = {
+    "autoclip": lambda: jstab.autoclip(25.0, history=2),
+    "zclip": lambda: jstab.zclip(warmup_steps=1, z_thresh=0.1),
+    "zclip_percentile": lambda: jstab.zclip(warmup_steps=1, mode="percentile"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS | ADAPTIVE) + ["skip_on_spike"])
+def test_state_can_be_donated(name):
+    """A training step donates the optimizer state: no buffer may appear twice."""
+    params = _params()
+    if name == "skip_on_spike":
+        tx = jstab.skip_on_spike(optax.adam(1e-2), z_thresh=0.1, warmup_steps=1)
+    else:
+        tx = optax.chain((BUILDERS | ADAPTIVE)[name](), optax.adam(1e-2))
+
+    def step(params, state, i):
+        updates, state = tx.update(_grads(params, i), state, params)
+        return optax.apply_updates(params, updates), state
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    state = tx.init(params)
+    for i in range(4):
+        params, state = step(params, state, jnp.float32(i))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+    count = "skip_count" if name == "skip_on_spike" else "clip_count"
+    assert int(optax.tree.get(state, count)) >= 1
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTIVE))
+def test_adaptive_rules_in_masked_multisteps_and_apply_if_finite(name):
+    params = _params()
+    mask = {"dense": {"kernel": True, "bias": False}, "out": {"kernel": True}}
+    inner = optax.chain(optax.masked(ADAPTIVE[name](), mask), optax.sgd(0.1))
+    tx = optax.MultiSteps(optax.apply_if_finite(inner, 2), every_k_schedule=2)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for i in range(8):
+        updates, state = update(_grads(params, float(i)), state, params)
+        params = optax.apply_updates(params, updates)
+    assert int(optax.tree.get(state, "count")) == 4  # four emitted steps
+    assert 1 <= int(optax.tree.get(state, "clip_count")) <= 3
+
+
 THRESHOLD = {
     "clip_by_value": "max_abs",
     "clip_by_global_norm": "max_norm",
@@ -140,7 +192,9 @@ def test_inject_hyperparams_with_bfloat16_params():
     assert optax.tree.get(state, "norm").dtype == jnp.float32
 
 
-@pytest.mark.parametrize("module", [_value, _global_norm, _layer_norm, _agc])
+@pytest.mark.parametrize(
+    "module", [_value, _global_norm, _layer_norm, _agc, _autoclip, _zclip, _skip]
+)
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
