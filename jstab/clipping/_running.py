@@ -9,7 +9,9 @@ after that an exponential moving average with weight ``alpha`` on the past:
   \\sigma^2 \\leftarrow \\alpha \\sigma^2 + (1 - \\alpha) (v - \\mu)^2
 
 with the new μ in the variance, as the ZClip authors' code does. Everything
-is float32 scalars; no branch depends on a traced value.
+is float32 scalars; no branch depends on a traced value. Norms above about
+1e19 overflow the variance to inf: z-scores are then 0 (no spike is
+detected), and nothing becomes NaN.
 """
 
 from __future__ import annotations
@@ -59,11 +61,12 @@ def observe(
     v = value.astype(jnp.float32)
     alpha = jnp.asarray(alpha).astype(jnp.float32)
     mean, var, samples = moments
-    # Welford, with the variance kept divided by the sample count.
+    # Welford, with the variance kept divided by the sample count; both terms
+    # are >= 0, so an overflowed variance stays inf, never inf - inf = NaN.
     n = (samples + 1).astype(jnp.float32)
     delta = v - mean
     w_mean = mean + delta / n
-    w_var = var + (delta * (v - w_mean) - var) / n
+    w_var = var * ((n - 1) / n) + delta * (v - w_mean) / n
     # Exponential moving average, with the new mean in the variance.
     e_mean = alpha * mean + (1 - alpha) * v
     e_var = alpha * var + (1 - alpha) * jnp.square(v - e_mean)

@@ -4,9 +4,13 @@ Trees mix shapes, dtypes (float32, bfloat16, float16), zero leaves and
 magnitudes from 1e-30 to 1e30 (float32) or the half-precision range.
 """
 
+import functools
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -131,3 +135,97 @@ def test_agc_rule(tree, clipping):
         w = np.sqrt(np.sum(np.asarray(params[k], np.float64) ** 2, axis=axes))
         g_after = np.sqrt(np.sum(y**2, axis=axes))
         assert np.all(g_after <= clipping * np.maximum(w, 1e-3) * (1 + tol))
+
+
+# ------------------------------------------------------------ adaptive rules
+
+# (percentile, history) pairs; each compiles once for the module.
+AUTOCLIP = [(10.0, 5), (37.3, 3), (50.0, 1), (90.0, 8), (100.0, 4)]
+FACTORS = st.lists(
+    st.sampled_from([1.0, 0.9, 0.5, 0.25, 0.01, 0.0]), min_size=1, max_size=6
+)
+# Each new tree compiles anew: fewer examples for the multi-step rules.
+FEWER = settings(max_examples=20, deadline=None)
+
+
+@functools.cache
+def _autoclip(percentile, history):
+    tx = jstab.autoclip(percentile, history)
+    return tx, jax.jit(tx.update)
+
+
+@SETTINGS
+@given(
+    # 0 or normal: XLA on CPU flushes subnormal results (an interpolation
+    # between 0 and 1e-38) to zero.
+    st.lists(
+        st.floats(0.0, width=32, allow_infinity=False).filter(
+            lambda x: x == 0 or x >= 1e-30
+        ),
+        min_size=1,
+        max_size=20,
+    ),
+    st.sampled_from(AUTOCLIP),
+)
+def test_autoclip_threshold_is_the_percentile_of_the_last_norms(norms, setting):
+    tx, update = _autoclip(*setting)
+    percentile, history = setting
+    state = tx.init({"w": jnp.zeros(1)})
+    for t, n in enumerate(norms):
+        out, state = update({"w": jnp.array([n], jnp.float32)}, state)
+        held = np.asarray(norms[max(0, t + 1 - history) : t + 1], np.float32)
+        want = np.percentile(held, percentile)
+        np.testing.assert_array_max_ulp(np.float32(state.threshold), want, maxulp=1)
+        assert abs(float(out["w"][0])) <= float(state.threshold) * (1 + 2**-22)
+
+
+def _steps(tx, tree, factors):
+    """Runs ``tx`` on ``tree`` scaled by each factor (never up: no overflow)."""
+    state = tx.init(tree)
+    update = jax.jit(tx.update)
+    for f in factors:
+        g = jax.tree.map(
+            lambda x, f=f: (x.astype(jnp.float32) * f).astype(x.dtype), tree
+        )
+        out, state = update(g, state)
+        yield g, out, state
+
+
+@FEWER
+@given(trees(), FACTORS, st.sampled_from(["autoclip", "zclip", "zclip_mean"]))
+def test_adaptive_clip_output_is_finite_and_within_threshold(tree, factors, name):
+    tx = {
+        "autoclip": jstab.autoclip(10.0, history=4),
+        "zclip": jstab.zclip(warmup_steps=2, z_thresh=0.5),
+        "zclip_mean": jstab.zclip(warmup_steps=1, clip_option="mean", max_norm=1.0),
+    }[name]
+    for g, out, state in _steps(tx, tree, factors):
+        tol = _rounding(g)
+        assert all(np.all(np.isfinite(x)) for x in _f64(out))
+        assert np.isfinite(float(state.threshold))
+        assert _global(out) <= float(state.threshold) * (1 + tol)
+        if not float(state.clipped):
+            jax.tree.map(np.testing.assert_array_equal, out, g)
+        else:  # direction preserved
+            k = float(state.threshold) / _global(g)
+            for x, y in zip(_f64(g), _f64(out), strict=True):
+                np.testing.assert_allclose(
+                    y, k * x, rtol=tol, atol=k * tol * _global(g)
+                )
+
+
+@FEWER
+@given(trees(), FACTORS, st.sampled_from([None, 1.0]), st.sampled_from([None, 1.0]))
+def test_skip_on_spike_outputs_inner_updates_or_zeros(tree, factors, max_norm, z):
+    tx = jstab.skip_on_spike(
+        optax.sgd(1.0), max_norm=max_norm, z_thresh=z, warmup_steps=2
+    )
+    for g, out, state in _steps(tx, tree, factors):
+        assert all(np.all(np.isfinite(x)) for x in _f64(out))
+        chex.assert_trees_all_equal_dtypes(out, g)
+        if bool(state.skipped):
+            assert all(np.all(x == 0) for x in _f64(out))
+        else:
+            jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, -b), out, g)
+            if max_norm is not None:
+                assert _global(g) <= max_norm * (1 + _rounding(g))
