@@ -98,7 +98,10 @@ def variants() -> dict[str, optax.GradientTransformation]:
     }
     chained = {name: optax.chain(clip, adam) for name, clip in clips.items()}
     # A wrapper, not a link of the chain: it holds Adam's state.
-    wrapped = {"jstab.skip_on_spike": jstab.skip_on_spike(adam, z_thresh=3.0)}
+    wrapped = {
+        "jstab.skip_on_spike": jstab.skip_on_spike(adam, z_thresh=3.0),
+        "optax.apply_if_finite": optax.apply_if_finite(adam, 3),
+    }
     return {"optax.adam (baseline)": adam} | chained | wrapped
 
 
@@ -135,6 +138,12 @@ def main() -> None:
         "--quick", action="store_true", help="1/4 channel widths and 5 rounds"
     )
     parser.add_argument("--json", metavar="FILE", help="also write results as JSON")
+    parser.add_argument(
+        "--only",
+        metavar="NAMES",
+        help="comma-separated substrings: time only the variants whose name "
+        "contains one (and the baseline), e.g. autoclip,zclip,global_norm",
+    )
     args = parser.parse_args()
     repeats = 5 if args.quick else args.repeats
 
@@ -154,7 +163,15 @@ def main() -> None:
         print(f"{key:>11}: {value}")
     print(f"{'floor':>11}: {TRAFFIC_FLOOR:.2f} (8/7: Adam moves 7 arrays, a norm 1)")
 
-    runners = {name: Runner(tx, params, grads) for name, tx in variants().items()}
+    chosen = variants()
+    if args.only:
+        keys = args.only.split(",")
+        chosen = {
+            name: tx
+            for name, tx in chosen.items()
+            if "baseline" in name or any(k in name for k in keys)
+        }
+    runners = {name: Runner(tx, params, grads) for name, tx in chosen.items()}
     for runner in runners.values():  # warm-up
         runner()
         runner()

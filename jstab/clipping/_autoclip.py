@@ -152,6 +152,11 @@ def autoclip(
         _checks.integer_at_least("history", history, 1)
 
     def init_fn(params):
+        if _numerics.is_traced(history):
+            raise TypeError(
+                "`history` sets the shape of the state and cannot be traced; "
+                'with inject_hyperparams, pass static_args=("history",).'
+            )
         size = _checks.integer_at_least("history", history, 1)
         scalar = _state.init_scalar(params)
         return AutoClipState(

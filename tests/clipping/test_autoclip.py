@@ -175,6 +175,11 @@ class AutoClipTest(chex.TestCase):
         state = jax.jit(tx.init)(_grad(0.0))
         assert optax.tree.get(state, "history").shape == (8,)
 
+    def test_jitted_init_with_traced_history_says_what_to_do(self):
+        tx = optax.inject_hyperparams(jstab.autoclip)(history=8)
+        with pytest.raises(TypeError, match="static_args"):
+            jax.jit(tx.init)(_grad(0.0))
+
     def test_multi_steps(self):
         tx = optax.MultiSteps(jstab.autoclip(percentile=50.0, history=4), 2)
         state = tx.init(_grad(0.0))
