@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _streams import grad_of_norm, traced_once
 from absl.testing import parameterized
 
 import jstab
@@ -17,11 +18,6 @@ def _stream(n=60, seed=0):
     norms = rng.uniform(0.5, 1.5, n)
     norms[rng.random(n) < 0.1] *= 100.0
     return norms.astype(np.float32)
-
-
-def _grad(norm):
-    """A two-leaf gradient whose global L2 norm is exactly ``norm`` in float32."""
-    return {"a": jnp.array([norm], jnp.float32), "b": jnp.zeros((2, 2), jnp.float32)}
 
 
 def _reference(norms, percentile, history):
@@ -45,13 +41,13 @@ class AutoClipTest(chex.TestCase):
         jitted = self.variant.type == chex.ChexVariantType.WITH_JIT
         norms = _stream(steps if jitted else 12)
         tx = jstab.autoclip(percentile, history)
-        state = tx.init(_grad(0.0))
+        state = tx.init(grad_of_norm(0.0))
         update = self.variant(tx.update)
         clips = 0
         for t, (n, (threshold, factor)) in enumerate(
             zip(norms, _reference(norms, percentile, history), strict=True)
         ):
-            g = _grad(n)
+            g = grad_of_norm(n)
             out, state = update(g, state)
             # Bit for bit eagerly; under jit XLA may fuse the interpolation
             # into one multiply-add, rounded once instead of twice.
@@ -69,10 +65,10 @@ class AutoClipTest(chex.TestCase):
 
     def test_state_fields_and_shapes(self):
         tx = optax.chain(jstab.autoclip(history=16), optax.sgd(1e-3))
-        state = tx.init(_grad(0.0))
+        state = tx.init(grad_of_norm(0.0))
         step = jax.jit(tx.update)
         for n in [1.0, 2.0, 50.0]:
-            _, state = step(_grad(n), state)
+            _, state = step(grad_of_norm(n), state)
         assert optax.tree.get(state, "history").shape == (16,)
         assert optax.tree.get(state, "history").dtype == jnp.float32
         # Steps 2 and 3: 2 > 1.1 (the 10th percentile of [1, 2]), 50 > 1.2.
@@ -109,20 +105,20 @@ class AutoClipTest(chex.TestCase):
 
     def test_non_finite_norm_is_not_recorded(self):
         tx = jstab.autoclip(percentile=50.0, history=4)
-        state = tx.init(_grad(0.0))
+        state = tx.init(grad_of_norm(0.0))
         step = jax.jit(tx.update)
         for n in [1.0, 3.0]:
-            _, state = step(_grad(n), state)
+            _, state = step(grad_of_norm(n), state)
         _, state = step({"a": jnp.array([jnp.nan]), "b": jnp.array([1.0])}, state)
         _, state = step({"a": jnp.array([jnp.inf]), "b": jnp.array([1.0])}, state)
         assert int(state.filled) == 2 and int(state.position) == 2
         np.testing.assert_allclose(state.threshold, 2.0)
-        _, state = step(_grad(5.0), state)
+        _, state = step(grad_of_norm(5.0), state)
         np.testing.assert_allclose(state.threshold, 3.0)
 
     def test_first_step_non_finite_leaves_no_threshold(self):
         tx = jstab.autoclip(history=3)
-        state = tx.init(_grad(0.0))
+        state = tx.init(grad_of_norm(0.0))
         out, state = tx.update(
             {"a": jnp.array([jnp.nan]), "b": jnp.array([1.0])}, state
         )
@@ -131,39 +127,34 @@ class AutoClipTest(chex.TestCase):
 
     def test_zero_gradient_gives_no_nan(self):
         tx = jstab.autoclip(history=3)
-        state = tx.init(_grad(0.0))
+        state = tx.init(grad_of_norm(0.0))
         for _ in range(4):
-            out, state = tx.update(_grad(0.0), state)
+            out, state = tx.update(grad_of_norm(0.0), state)
         assert float(state.threshold) == 0.0
         assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(out))
 
     def test_compiles_once(self):
         tx = jstab.autoclip(history=5)
-        chex.clear_trace_counter()
+        step = traced_once(tx)
 
-        @jax.jit
-        @chex.assert_max_traces(n=1)
-        def step(g, state):
-            return tx.update(g, state)
-
-        state = tx.init(_grad(0.0))
+        state = tx.init(grad_of_norm(0.0))
         for n in _stream(12):
-            _, state = step(_grad(n), state)
+            _, state = step(grad_of_norm(n), state)
         assert int(state.count) == 12
 
     def test_inject_hyperparams(self):
         norms = _stream(30)
         tx = optax.inject_hyperparams(jstab.autoclip)(percentile=37.3, history=6)
-        state = tx.init(_grad(0.0))
+        state = tx.init(grad_of_norm(0.0))
         step = jax.jit(tx.update)
         for n, (threshold, _) in zip(norms, _reference(norms, 37.3, 6), strict=True):
-            _, state = step(_grad(n), state)
+            _, state = step(grad_of_norm(n), state)
             # A traced percentile computes the virtual index in float32.
             np.testing.assert_allclose(
                 optax.tree.get(state, "threshold"), threshold, rtol=1e-6
             )
         state.hyperparams["percentile"] = jnp.asarray(100.0, jnp.float32)
-        _, state = step(_grad(1.0), state)
+        _, state = step(grad_of_norm(1.0), state)
         np.testing.assert_allclose(
             optax.tree.get(state, "threshold"), max(norms[-5:].max(), 1.0)
         )
@@ -172,21 +163,21 @@ class AutoClipTest(chex.TestCase):
         tx = optax.inject_hyperparams(jstab.autoclip, static_args=("history",))(
             history=8
         )
-        state = jax.jit(tx.init)(_grad(0.0))
+        state = jax.jit(tx.init)(grad_of_norm(0.0))
         assert optax.tree.get(state, "history").shape == (8,)
 
     def test_jitted_init_with_traced_history_says_what_to_do(self):
         tx = optax.inject_hyperparams(jstab.autoclip)(history=8)
         with pytest.raises(TypeError, match="static_args"):
-            jax.jit(tx.init)(_grad(0.0))
+            jax.jit(tx.init)(grad_of_norm(0.0))
 
     def test_multi_steps(self):
         tx = optax.MultiSteps(jstab.autoclip(percentile=50.0, history=4), 2)
-        state = tx.init(_grad(0.0))
+        state = tx.init(grad_of_norm(0.0))
         step = jax.jit(tx.update)
         with jax.numpy_dtype_promotion("standard"):  # MultiSteps is not strict-safe
             for n in [1.0, 3.0, 5.0, 7.0]:
-                _, state = step(_grad(n), state)
+                _, state = step(grad_of_norm(n), state)
         # Two inner steps, on the averages 2 and 6.
         assert int(optax.tree.get(state, "filled")) == 2
         np.testing.assert_allclose(optax.tree.get(state, "threshold"), 4.0, rtol=1e-6)

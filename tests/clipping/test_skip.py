@@ -8,14 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _streams import grad_of_norm, traced_once
 from absl.testing import parameterized
 
 import jstab
-
-
-def _grad(norm):
-    """A gradient whose global L2 norm is exactly ``norm`` in float32."""
-    return {"a": jnp.array([norm], jnp.float32), "b": jnp.zeros((3,), jnp.float32)}
 
 
 def _stream(n, seed=0):
@@ -71,11 +67,11 @@ class SkipOnSpikeTest(chex.TestCase):
         inner = optax.sgd(0.1, momentum=0.9)
         tx = jstab.skip_on_spike(inner, **kwargs)
         ref = _Reference(**kwargs)
-        state, inner_state = tx.init(_grad(0.0)), inner.init(_grad(0.0))
+        state, inner_state = tx.init(grad_of_norm(0.0)), inner.init(grad_of_norm(0.0))
         step, inner_step = jax.jit(tx.update), jax.jit(inner.update)
         skips = 0
         for t, n in enumerate(_stream(90)):
-            out, state = step(_grad(n), state)
+            out, state = step(grad_of_norm(n), state)
             skip = ref.step(n)
             skips += skip
             assert bool(state.skipped) == skip, t
@@ -83,7 +79,7 @@ class SkipOnSpikeTest(chex.TestCase):
             if skip:
                 chex.assert_trees_all_equal(out, jax.tree.map(jnp.zeros_like, out))
             else:
-                want, inner_state = inner_step(_grad(n), inner_state)
+                want, inner_state = inner_step(grad_of_norm(n), inner_state)
                 chex.assert_trees_all_equal(out, want)
             chex.assert_trees_all_equal(state.inner_state, inner_state)
             if ref.mean is not None:
@@ -120,13 +116,13 @@ class SkipOnSpikeTest(chex.TestCase):
         tx = jstab.skip_on_spike(
             optax.sgd(1.0), max_norm=5.0, z_thresh=1.0, warmup_steps=3
         )
-        state = tx.init(_grad(0.0))
+        state = tx.init(grad_of_norm(0.0))
         for n in [1.0, 9.0, 2.0, 9.0, 3.0]:
-            _, state = tx.update(_grad(n), state)
+            _, state = tx.update(grad_of_norm(n), state)
         assert int(state.samples) == 3 and int(state.skip_count) == 2
         np.testing.assert_allclose([state.mean, state.var], [2.0, 2.0 / 3.0], rtol=1e-6)
         # The z-test is on now: 3.5 is (3.5 - 2) / 0.816 = 1.84 sigmas away.
-        _, state = tx.update(_grad(3.5), state)
+        _, state = tx.update(grad_of_norm(3.5), state)
         assert bool(state.skipped)
 
     def test_max_norm_schedule_at_wrapper_step_count(self):
@@ -134,10 +130,10 @@ class SkipOnSpikeTest(chex.TestCase):
             return jnp.where(count < 2, 1.0, 10.0)
 
         tx = jstab.skip_on_spike(optax.sgd(1.0), max_norm=schedule)
-        state = tx.init(_grad(0.0))
+        state = tx.init(grad_of_norm(0.0))
         skipped = []
         for _ in range(4):
-            _, state = tx.update(_grad(5.0), state)
+            _, state = tx.update(grad_of_norm(5.0), state)
             skipped.append(bool(state.skipped))
         assert skipped == [True, True, False, False]
 
@@ -145,37 +141,32 @@ class SkipOnSpikeTest(chex.TestCase):
         tx = optax.chain(jstab.clip_by_global_norm(100.0), jstab.skip_on_spike(
             optax.sgd(0.1), z_thresh=2.0, warmup_steps=2
         ))  # fmt: skip
-        chex.clear_trace_counter()
+        step = traced_once(tx)
 
-        @jax.jit
-        @chex.assert_max_traces(n=1)
-        def step(g, state):
-            return tx.update(g, state)
-
-        state = tx.init(_grad(0.0))
+        state = tx.init(grad_of_norm(0.0))
         for n in _stream(10):
-            _, state = step(_grad(n), state)
+            _, state = step(grad_of_norm(n), state)
         assert int(optax.tree.get(state, "skip_count")) >= 2
 
     def test_inject_hyperparams(self):
         tx = optax.inject_hyperparams(jstab.skip_on_spike)(
             optax.sgd(1.0), max_norm=3.0, z_thresh=50.0
         )
-        state = tx.init(_grad(0.0))
+        state = tx.init(grad_of_norm(0.0))
         step = jax.jit(tx.update)
-        _, state = step(_grad(4.0), state)
+        _, state = step(grad_of_norm(4.0), state)
         assert bool(optax.tree.get(state, "skipped"))
         state.hyperparams["max_norm"] = jnp.asarray(5.0, jnp.float32)
-        _, state = step(_grad(4.0), state)
+        _, state = step(grad_of_norm(4.0), state)
         assert not bool(optax.tree.get(state, "skipped"))
 
     def test_multi_steps_skips_the_averaged_step(self):
         tx = optax.MultiSteps(jstab.skip_on_spike(optax.sgd(1.0), max_norm=5.0), 2)
-        state = tx.init(_grad(0.0))
+        state = tx.init(grad_of_norm(0.0))
         outs = []
         with jax.numpy_dtype_promotion("standard"):  # MultiSteps is not strict-safe
             for n in [1.0, 3.0, 2.0, 20.0]:
-                out, state = jax.jit(tx.update)(_grad(n), state)
+                out, state = jax.jit(tx.update)(grad_of_norm(n), state)
                 outs.append(float(out["a"][0]))
         assert outs == [0.0, -2.0, 0.0, 0.0]
         assert int(optax.tree.get(state, "skip_count")) == 1
@@ -193,7 +184,7 @@ class SkipOnSpikeTest(chex.TestCase):
         )
         tx = jstab.skip_on_spike(inner)
         assert isinstance(tx, optax.GradientTransformationExtraArgs)
-        tx.update(_grad(1.0), tx.init(_grad(0.0)), value=jnp.float32(7.0))
+        tx.update(grad_of_norm(1.0), tx.init(grad_of_norm(0.0)), value=jnp.float32(7.0))
         assert float(seen[0]) == 7.0
 
     @parameterized.parameters(

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _streams import grad_of_norm, traced_once
 from absl.testing import parameterized
 
 import jstab
@@ -20,11 +21,6 @@ def _stream(n, seed=0):
     spikes = rng.random(n) < 0.12
     norms[spikes] *= rng.uniform(10.0, 100.0, spikes.sum())
     return norms.astype(np.float32)
-
-
-def _grad(norm):
-    """A gradient whose global L2 norm is exactly ``norm`` in float32."""
-    return {"a": jnp.array([norm], jnp.float32), "b": jnp.zeros((3,), jnp.float32)}
 
 
 class _Reference:
@@ -87,11 +83,11 @@ class ZClipTest(chex.TestCase):
         norms = _stream(120)
         ref = _Reference(**kwargs)
         tx = jstab.zclip(**kwargs)
-        state = tx.init(_grad(0.0))
+        state = tx.init(grad_of_norm(0.0))
         step = jax.jit(tx.update)
         clips = 0
         for t, n in enumerate(norms):
-            out, state = step(_grad(n), state)
+            out, state = step(grad_of_norm(n), state)
             threshold, spike = ref.step(n)
             assert bool(state.spike) == spike, t
             np.testing.assert_allclose(state.threshold, threshold, rtol=2e-5)
@@ -110,11 +106,11 @@ class ZClipTest(chex.TestCase):
     def test_without_jit_matches_jit(self):
         norms = _stream(12)
         tx = jstab.zclip(warmup_steps=3)
-        states = [tx.init(_grad(0.0))] * 2
+        states = [tx.init(grad_of_norm(0.0))] * 2
         for n in norms:
             outs = []
             for k, update in enumerate((tx.update, jax.jit(tx.update))):
-                out, states[k] = update(_grad(n), states[k])
+                out, states[k] = update(grad_of_norm(n), states[k])
                 outs.append(out)
             chex.assert_trees_all_close(*outs, rtol=1e-6)
             chex.assert_trees_all_close(*states, rtol=1e-6)
@@ -122,9 +118,9 @@ class ZClipTest(chex.TestCase):
     def test_warmup_collects_exact_mean_and_population_variance(self):
         norms = [3.0, 1.0, 4.0, 1.0, 5.0]
         tx = jstab.zclip(warmup_steps=5, max_norm=4.5)
-        state = tx.init(_grad(0.0))
+        state = tx.init(grad_of_norm(0.0))
         for n in norms:
-            out, state = tx.update(_grad(n), state)
+            out, state = tx.update(grad_of_norm(n), state)
         np.testing.assert_allclose(state.mean, np.mean(norms), rtol=1e-6)
         np.testing.assert_allclose(state.var, np.var(norms), rtol=1e-6)
         assert int(state.samples) == 5 and not bool(state.spike)
@@ -148,9 +144,9 @@ class ZClipTest(chex.TestCase):
 
     def test_constant_norms_then_spike_no_nan(self):
         tx = jstab.zclip(warmup_steps=3)
-        state = tx.init(_grad(0.0))
+        state = tx.init(grad_of_norm(0.0))
         for n in [2.0, 2.0, 2.0, 2.0, 50.0, 0.0]:
-            out, state = tx.update(_grad(n), state)
+            out, state = tx.update(grad_of_norm(n), state)
             assert np.isfinite(out["a"]).all() and np.isfinite(state.var)
         # σ = 0 at the spike: z = 48 / eps, the threshold and the EMA's
         # input are μ = 2; then the norm 0 enters.
@@ -159,40 +155,35 @@ class ZClipTest(chex.TestCase):
 
     def test_non_finite_norm_does_not_enter_statistics(self):
         tx = jstab.zclip(warmup_steps=2)
-        state = tx.init(_grad(0.0))
+        state = tx.init(grad_of_norm(0.0))
         for n in [1.0, 3.0, np.inf, np.nan]:
-            _, state = tx.update(_grad(n), state)
+            _, state = tx.update(grad_of_norm(n), state)
         assert int(state.samples) == 2
         np.testing.assert_allclose([state.mean, state.var], [2.0, 1.0])
 
     def test_max_norm_schedule_at_step_count(self):
         schedule = optax.linear_schedule(1.0, 3.0, transition_steps=2)
         tx = jstab.zclip(max_norm=schedule, warmup_steps=10)
-        state = tx.init(_grad(0.0))
+        state = tx.init(grad_of_norm(0.0))
         for want in [1.0, 2.0, 3.0, 3.0]:
-            out, state = tx.update(_grad(10.0), state)
+            out, state = tx.update(grad_of_norm(10.0), state)
             np.testing.assert_allclose(out["a"], [want], rtol=1e-6)
 
     def test_inject_hyperparams_and_compiles_once(self):
         tx = optax.inject_hyperparams(jstab.zclip)(warmup_steps=4, z_thresh=2.0)
         norms = _stream(30)
         ref = _Reference(warmup_steps=4, z_thresh=2.0)
-        chex.clear_trace_counter()
+        step = traced_once(tx)
 
-        @jax.jit
-        @chex.assert_max_traces(n=1)
-        def step(g, state):
-            return tx.update(g, state)
-
-        state = tx.init(_grad(0.0))
+        state = tx.init(grad_of_norm(0.0))
         for n in norms:
-            _, state = step(_grad(n), state)
+            _, state = step(grad_of_norm(n), state)
             threshold, _ = ref.step(n)
             np.testing.assert_allclose(
                 optax.tree.get(state, "threshold"), threshold, rtol=2e-5
             )
         state.hyperparams["z_thresh"] = jnp.asarray(1e6, jnp.float32)
-        _, state = step(_grad(1e4), state)
+        _, state = step(grad_of_norm(1e4), state)
         assert not bool(optax.tree.get(state, "spike"))
 
     @parameterized.parameters(
