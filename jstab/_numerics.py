@@ -76,6 +76,17 @@ def factor(norm: chex.Array, threshold: chex.Array) -> chex.Array:
     return jnp.where(over, threshold / jnp.where(over, norm, 1), 1)
 
 
+def clip_to_norm(leaves, norm, threshold):
+    """``leaves`` scaled by :func:`factor`, and whether ``norm > threshold``.
+
+    The rule of every global-norm clip: one factor for the whole tree, each
+    leaf kept in its dtype; ``threshold`` is cast to ``norm``'s dtype.
+    """
+    threshold = threshold.astype(norm.dtype)
+    f = factor(norm, threshold)
+    return [scale(x, f) for x in leaves], norm > threshold
+
+
 # ---------------------------------------------------------------- thresholds
 
 

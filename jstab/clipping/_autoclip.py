@@ -181,9 +181,7 @@ def autoclip(
         threshold = jnp.where(
             filled > 0, _percentile(buffer, filled, percentile), jnp.inf
         )
-        factor = _numerics.factor(norm, threshold.astype(norm.dtype))
-        out = [_numerics.scale(x, factor) for x in leaves]
-        clipped = norm > threshold.astype(norm.dtype)
+        out, clipped = _numerics.clip_to_norm(leaves, norm, threshold)
         scalar = _state.advance(_state.ClipState(*state[:4]), norm, clipped)
         new = AutoClipState(*scalar, threshold, buffer, filled, position)
         return jax.tree.unflatten(treedef, out), new

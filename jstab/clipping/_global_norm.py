@@ -71,9 +71,7 @@ def clip_by_global_norm(
         leaves, treedef = jax.tree.flatten(updates)
         norm = _numerics.global_norm(leaves, ord, axis_name)
         threshold = _numerics.resolve(max_norm, state.count, norm.dtype)
-        factor = _numerics.factor(norm, threshold)
-        out = [_numerics.scale(x, factor) for x in leaves]
-        clipped = norm > threshold
+        out, clipped = _numerics.clip_to_norm(leaves, norm, threshold)
         return jax.tree.unflatten(treedef, out), _state.advance(state, norm, clipped)
 
     return optax.GradientTransformation(_state.init_scalar, update_fn)

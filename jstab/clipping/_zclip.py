@@ -182,9 +182,7 @@ def zclip(
         if max_norm is not None:
             cap = _numerics.resolve(max_norm, state.count, jnp.float32)
             threshold = jnp.minimum(v, cap)
-        factor = _numerics.factor(norm, threshold.astype(norm.dtype))
-        out = [_numerics.scale(x, factor) for x in leaves]
-        clipped = norm > threshold.astype(norm.dtype)
+        out, clipped = _numerics.clip_to_norm(leaves, norm, threshold)
         take = jnp.isfinite(norm)
         if skip_update_on_spike:
             take = take & ~spike
