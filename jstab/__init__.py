@@ -19,6 +19,13 @@ from jstab.clipping import (
     skip_on_spike,
     zclip,
 )
+from jstab.diagnostics import (
+    MonitorState,
+    SignalReport,
+    lsuv,
+    monitor_gradients,
+    signal_propagation,
+)
 from jstab.init import (
     Initializer,
     calculate_gain,
@@ -47,6 +54,8 @@ __all__ = [
     "AutoClipState",
     "ClipState",
     "Initializer",
+    "MonitorState",
+    "SignalReport",
     "SkipState",
     "ZClipState",
     "__version__",
@@ -67,7 +76,10 @@ __all__ = [
     "kaiming_uniform",
     "lecun_normal",
     "lecun_uniform",
+    "lsuv",
+    "monitor_gradients",
     "orthogonal",
+    "signal_propagation",
     "skip_on_spike",
     "small_normal",
     "small_uniform",

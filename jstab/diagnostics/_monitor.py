@@ -1,0 +1,143 @@
+"""A pass-through transformation that watches the gradient for instability."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from jstab import _checks, _numerics
+from jstab._numerics import AxisName
+
+
+class MonitorState(NamedTuple):
+    """What :func:`monitor_gradients` saw at the last step.
+
+    Read any field with ``optax.tree.get(opt_state, "global_norm")`` wherever
+    the monitor sits in a chain.
+
+    Attributes:
+      layer_norms: a tree shaped like the gradient, of float32 scalars: each
+        leaf's L2 norm.
+      global_norm: float32 scalar, the L2 norm of the whole gradient.
+      nonfinite: int32 scalar, the number of NaN or infinite elements.
+      vanishing: bool scalar: the smallest finite kernel norm (leaves of rank
+        2 or more) is below ``vanishing_ratio`` times the largest.
+      exploding: bool scalar: ``global_norm > exploding_norm`` or
+        ``nonfinite > 0``.
+    """
+
+    layer_norms: chex.ArrayTree
+    global_norm: chex.Array
+    nonfinite: chex.Array
+    vanishing: chex.Array
+    exploding: chex.Array
+
+
+def _combine(norms: list[chex.Array]) -> chex.Array:
+    """``sqrt(sum(n**2))`` of nonnegative ``norms``, scaled by their maximum.
+
+    Squaring norms above ~1e19 would overflow float32; dividing by the
+    largest first cannot. A non-finite largest norm is the result itself.
+    """
+    if not norms:
+        return jnp.zeros((), jnp.float32)
+    stacked = jnp.stack(norms)
+    top = jnp.max(stacked)
+    ok = jnp.isfinite(top) & (top > 0)
+    unit = stacked / jnp.where(ok, top, jnp.ones_like(top))
+    return jnp.where(ok, top * jnp.sqrt(jnp.sum(unit * unit)), top)
+
+
+def _vanishing(norms: list[chex.Array], ratio: float) -> chex.Array:
+    """Whether the smallest finite norm is below ``ratio`` times the largest."""
+    if len(norms) < 2:
+        return jnp.zeros((), jnp.bool_)
+    stacked = jnp.stack(norms)
+    finite = jnp.isfinite(stacked)
+    inf = jnp.asarray(jnp.inf, stacked.dtype)
+    low = jnp.min(jnp.where(finite, stacked, inf))
+    high = jnp.max(jnp.where(finite, stacked, jnp.zeros_like(inf)))
+    return low < jnp.asarray(ratio, stacked.dtype) * high
+
+
+def monitor_gradients(
+    vanishing_ratio: float = 1e-3,
+    exploding_norm: float = 1e3,
+    *,
+    axis_name: AxisName = None,
+) -> optax.GradientTransformation:
+    r"""Records per-layer gradient norms and flags vanishing or exploding ones.
+
+    .. math::
+      \text{vanishing} = \min_k \lVert g_k \rVert
+        < r \cdot \max_k \lVert g_k \rVert, \qquad
+      \text{exploding} = \lVert g \rVert > N \ \lor\ g \notin \mathbb{R}^n
+
+    where :math:`k` ranges over the kernels (leaves of rank 2 or more) with a
+    finite norm. The updates pass through bit for bit unchanged: put the
+    monitor first in a chain to see the raw gradient, or after a clipping
+    rule to see what the optimizer receives. The verdicts do not depend on
+    the order of the leaves. A kernel whose gradient is exactly zero (a
+    frozen or unused layer) counts as vanishing.
+
+    The symptoms are those of Bengio, Simard & Frasconi (1994), "Learning
+    long-term dependencies with gradient descent is difficult", and Pascanu,
+    Mikolov & Bengio (2013), "On the difficulty of training recurrent neural
+    networks". Norms are accumulated in float32 for bfloat16 and float16
+    leaves, stay finite for float32 gradients up to the largest float32, and
+    are accurate down to the smallest: a layer whose squares all underflow
+    is measured again, scaled up, rather than reported as 0 (which costs a
+    second read of the gradient in a step where some leaf is exactly zero).
+
+    Args:
+      vanishing_ratio: ``r`` > 0, the ratio of the smallest to the largest
+        kernel norm below which the gradient is said to vanish.
+      exploding_norm: ``N`` > 0, the global norm above which it is said to
+        explode.
+      axis_name: inside ``shard_map`` or ``pmap``, the mapped axis (or axes)
+        the gradient is sharded over: norms and counts cover all shards.
+
+    Returns:
+      A :class:`optax.GradientTransformation` with a :class:`MonitorState`.
+    """
+    _checks.positive("vanishing_ratio", vanishing_ratio)
+    _checks.positive("exploding_norm", exploding_norm)
+
+    def init_fn(params: optax.Params) -> MonitorState:
+        return MonitorState(
+            layer_norms=jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params),
+            global_norm=jnp.zeros((), jnp.float32),
+            nonfinite=jnp.zeros((), jnp.int32),
+            vanishing=jnp.zeros((), jnp.bool_),
+            exploding=jnp.zeros((), jnp.bool_),
+        )
+
+    def update_fn(updates, state, params=None):
+        del state, params
+        leaves, treedef = jax.tree.flatten(updates)
+        groups = [[i] for i in range(len(leaves))]
+        norms = _numerics.group_norms(leaves, groups, 2, axis_name, zero=True)
+        kernels = [n for n, x in zip(norms, leaves, strict=True) if x.ndim >= 2]
+        nonfinite = sum(
+            (jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in leaves),
+            jnp.zeros((), jnp.int32),
+        )
+        if axis_name is not None:
+            nonfinite = jax.lax.psum(nonfinite, axis_name)
+        total = _combine(norms)
+        exploding = (total > exploding_norm) | (nonfinite > 0)
+        to32 = [n.astype(jnp.float32) for n in norms]
+        new_state = MonitorState(
+            layer_norms=jax.tree.unflatten(treedef, to32),
+            global_norm=total.astype(jnp.float32),
+            nonfinite=nonfinite,
+            vanishing=_vanishing(kernels, vanishing_ratio),
+            exploding=exploding,
+        )
+        return updates, new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
