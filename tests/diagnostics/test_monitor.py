@@ -36,7 +36,8 @@ class MonitorTest(chex.TestCase):
         out, state = self.variant(tx.update)(g, tx.init(g))
         chex.assert_trees_all_equal(out, g)  # bit for bit
         chex.assert_trees_all_equal_structs(state.layer_norms, g)
-        for x, n in zip(jax.tree.leaves(g), jax.tree.leaves(state.layer_norms)):
+        norms = jax.tree.leaves(state.layer_norms)
+        for x, n in zip(jax.tree.leaves(g), norms, strict=True):
             self.assertEqual(n.dtype, jnp.float32)
             np.testing.assert_allclose(float(n), _numpy_norm(x), rtol=1e-6)
         want = _numpy_norm(np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]))
