@@ -1,0 +1,155 @@
+"""lsuv: every layer's output variance on the batch within tol of 1."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _models import LinenCNN, LinenMLP, NnxMLP, activation, batch
+from flax import nnx
+
+import jstab
+
+
+def _linen_variances(model, variables, x):
+    """Each layer's output variance, from capture_intermediates directly."""
+    _, state = model.apply(variables, x, capture_intermediates=True)
+    inter = state["intermediates"]
+    return {
+        name: float(jnp.var(node["__call__"][0]))
+        for name, node in inter.items()
+        if name != "__call__"
+    }
+
+
+def _nnx_variances(model, x):
+    """Each layer's output variance, by running the NNX model by hand."""
+    out = {}
+    for i, layer in enumerate(model.layers):
+        x = layer(x)
+        out[f"layers/{i}"] = float(jnp.var(x))
+        x = activation(model.act)(x)
+    out["head"] = float(jnp.var(model.head(x)))
+    return out
+
+
+def _copy(tree):
+    return jax.tree.map(np.array, tree)
+
+
+@pytest.mark.parametrize(
+    "model, x",
+    [
+        (LinenMLP(depth=8, width=32, act="tanh"), batch((128, 32))),
+        (LinenMLP(depth=8, width=32, act="relu"), batch((128, 32))),
+        (LinenCNN(), batch((16, 8, 8, 3))),
+    ],
+    ids=["mlp-tanh", "mlp-relu", "cnn"],
+)
+def test_linen_layers_reach_unit_variance(model, x):
+    variables = model.init(jax.random.key(0), x)
+    before = _copy(variables)
+    tol = 0.05
+    new = jstab.lsuv(model, variables, x, tol=tol)
+    jax.tree.map(np.testing.assert_array_equal, variables, before)  # unchanged
+    variances = _linen_variances(model, new, x)
+    assert len(variances) == len(jax.tree.leaves(new)) // 2  # kernel and bias
+    for name, var in variances.items():
+        assert abs(var - 1.0) <= tol, (name, var)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(a.shape, b.shape), new, variables
+    )
+    biases = [v["bias"] for v in new["params"].values()]
+    for b, b0 in zip(
+        biases, [v["bias"] for v in variables["params"].values()], strict=True
+    ):
+        np.testing.assert_array_equal(b, b0)  # only kernels change
+
+
+def test_nnx_layers_reach_unit_variance_and_the_model_is_new():
+    x = batch((128, 16))
+    model = NnxMLP(16, depth=6, width=32, act="tanh", rngs=nnx.Rngs(0))
+    before = _copy(nnx.state(model))
+    new = jstab.lsuv(model, x, tol=0.02)
+    assert isinstance(new, NnxMLP) and new is not model
+    assert new.layers[0] is not model.layers[0]
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)
+    for name, var in _nnx_variances(new, x).items():
+        assert abs(var - 1.0) <= 0.02, (name, var)
+    assert type(new.head) is nnx.Linear
+
+
+def test_kernels_are_scaled_orthogonal_matrices():
+    x = batch((256, 32))
+    model = LinenMLP(depth=3, width=32, act="tanh")
+    new = jstab.lsuv(model, model.init(jax.random.key(0), x), x)
+    for layer in new["params"].values():
+        w = np.asarray(layer["kernel"], np.float64)
+        gram = w.T @ w
+        scale = gram[0, 0]
+        np.testing.assert_allclose(gram, scale * np.eye(32), atol=1e-5 * scale)
+
+
+def test_deterministic_given_the_key():
+    x = batch((64, 16))
+    model = LinenMLP(depth=3, width=16)
+    variables = model.init(jax.random.key(0), x)
+    a = jstab.lsuv(model, variables, x, key=jax.random.key(7))
+    b = jstab.lsuv(model, variables, x, key=jax.random.key(7))
+    c = jstab.lsuv(model, variables, x, key=jax.random.key(8))
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert not np.array_equal(
+        a["params"]["Dense_0"]["kernel"], c["params"]["Dense_0"]["kernel"]
+    )
+    default = jstab.lsuv(model, variables, x)
+    explicit = jstab.lsuv(model, variables, x, key=jax.random.key(0))
+    jax.tree.map(np.testing.assert_array_equal, default, explicit)
+
+
+def test_max_iters_bounds_the_rescalings():
+    # A bias keeps the variance away from 1 after one rescaling.
+    x = batch((64, 16))
+    model = LinenMLP(depth=1, width=16)
+    variables = model.init(jax.random.key(0), x)
+    bias = jnp.linspace(-1.0, 1.0, 16)
+    variables = {
+        "params": {"Dense_0": {**variables["params"]["Dense_0"], "bias": bias}}
+    }
+    once = jstab.lsuv(model, variables, x, max_iters=1, tol=1e-3)
+    many = jstab.lsuv(model, variables, x, max_iters=50, tol=1e-3)
+    assert abs(_linen_variances(model, once, x)["Dense_0"] - 1.0) > 1e-3
+    assert abs(_linen_variances(model, many, x)["Dense_0"] - 1.0) <= 1e-3
+
+
+def test_a_layer_without_variance_is_left_orthogonal_with_a_warning():
+    x = jnp.zeros((8, 4))  # every layer outputs its zero bias
+    model = LinenMLP(depth=2, width=4)
+    variables = model.init(jax.random.key(0), x)
+    with pytest.warns(RuntimeWarning) as record:
+        new = jstab.lsuv(model, variables, x)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 2
+    assert "'Dense_0'" in messages[0] and "'Dense_1'" in messages[1]
+    assert np.all(np.isfinite(jax.tree.leaves(new)[0]))
+
+
+def test_bfloat16_kernels_keep_their_dtype():
+    x = batch((64, 16)).astype(jnp.bfloat16)
+    model = LinenMLP(depth=3, width=16)
+    variables = jax.tree.map(
+        lambda v: v.astype(jnp.bfloat16), model.init(jax.random.key(0), x)
+    )
+    new = jstab.lsuv(model, variables, x, tol=0.1)
+    for leaf in jax.tree.leaves(new):
+        assert leaf.dtype == jnp.bfloat16
+    for var in _linen_variances(model, new, x).values():
+        assert abs(var - 1.0) <= 0.1
+
+
+@pytest.mark.parametrize(
+    "kwargs, error", [({"tol": 0.0}, "tol"), ({"max_iters": 0}, "max_iters")]
+)
+def test_bad_arguments_are_named(kwargs, error):
+    x = batch((8, 4))
+    model = LinenMLP(depth=1, width=4)
+    with pytest.raises(ValueError, match=error):
+        jstab.lsuv(model, model.init(jax.random.key(0), x), x, **kwargs)
