@@ -91,6 +91,7 @@ def variants() -> dict[str, optax.GradientTransformation]:
         "jstab.adaptive_grad_clip": jstab.adaptive_grad_clip(0.01),
         "jstab.autoclip": jstab.autoclip(10.0, history=1000),
         "jstab.zclip": jstab.zclip(),
+        "jstab.monitor_gradients": jstab.monitor_gradients(),
         "optax.clip_by_global_norm": optax.clip_by_global_norm(1.0),
         "optax.clip": optax.clip(1e-3),
         "optax.clip_by_block_rms": optax.clip_by_block_rms(1e-4),
