@@ -7,6 +7,8 @@ import numpy as np
 import optax
 import pytest
 from absl.testing import parameterized
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jstab
 
@@ -162,3 +164,50 @@ class MonitorTest(chex.TestCase):
     def test_bad_arguments_are_named(self, name, value):
         with pytest.raises((ValueError, TypeError), match=name):
             jstab.monitor_gradients(**{name: value})
+
+
+DTYPES = {"float32": (jnp.float32, 30), "bfloat16": (jnp.bfloat16, 30)}
+DTYPES["float16"] = (jnp.float16, 4)
+SHAPES = [(), (3,), (2, 3), (4, 1, 2), (3, 3)]
+
+
+@st.composite
+def _trees(draw):
+    """Trees of 1 to 5 leaves: mixed shapes, dtypes, magnitudes, NaN and inf."""
+    tree = {}
+    for i in range(draw(st.integers(1, 5))):
+        dtype, decades = DTYPES[draw(st.sampled_from(sorted(DTYPES)))]
+        shape = draw(st.sampled_from(SHAPES))
+        rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+        x = rng.normal(size=shape) * 10.0 ** draw(st.integers(-decades, decades))
+        kind = draw(st.sampled_from(["plain", "plain", "plain", "zeros", "bad"]))
+        if kind == "zeros":
+            x = np.zeros(shape)
+        elif kind == "bad" and x.size:
+            x.flat[draw(st.integers(0, x.size - 1))] = draw(
+                st.sampled_from([np.nan, np.inf, -np.inf])
+            )
+        tree[f"Dense_{draw(st.integers(0, 20))}_{i}"] = jnp.asarray(x, dtype)
+    return tree
+
+
+@settings(max_examples=40, deadline=None)
+@given(_trees())
+def test_property_monitor_agrees_with_numpy(tree):
+    tx = jstab.monitor_gradients(vanishing_ratio=1e-2, exploding_norm=1e3)
+    out, state = jax.jit(tx.update)(tree, tx.init(tree))
+    chex.assert_trees_all_equal(out, tree)  # bit for bit, NaN included
+    leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+    want = [np.linalg.norm(x.ravel()) for x in leaves]
+    got = [float(n) for n in jax.tree.leaves(state.layer_norms)]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    everything = np.concatenate([x.ravel() for x in leaves])
+    bad = int(np.sum(~np.isfinite(everything)))
+    assert int(state.nonfinite) == bad
+    total = np.linalg.norm(everything)
+    np.testing.assert_allclose(float(state.global_norm), total, rtol=1e-5)
+    assert bool(state.exploding) == (bad > 0 or total > 1e3)
+    kernels = [n for n, x in zip(want, leaves, strict=True) if x.ndim >= 2]
+    kernels = [n for n in kernels if np.isfinite(n)]
+    vanishing = len(kernels) >= 2 and min(kernels) < 1e-2 * max(kernels)
+    assert bool(state.vanishing) == vanishing
