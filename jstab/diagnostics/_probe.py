@@ -107,7 +107,8 @@ def _linen(module: nn.Module, variables: Any, batch: Any, kwargs: dict) -> Probe
             "variables: expected the Linen variables {'params': ...} of module, "
             f"got {type(variables).__name__}"
         )
-    boxed = {k: v for k, v in variables.items()}
+    # Intermediates captured before would be mixed with this pass's.
+    boxed = {k: v for k, v in variables.items() if k != "intermediates"}
     plain = meta.unbox(boxed)
     flat_boxed, treedef = jax.tree_util.tree_flatten_with_path(
         boxed["params"], is_leaf=lambda x: isinstance(x, meta.AxisMetadata)
@@ -151,7 +152,7 @@ def _linen(module: nn.Module, variables: Any, batch: Any, kwargs: dict) -> Probe
             x.replace_boxed(v) if isinstance(x, meta.AxisMetadata) else v
             for v, (_, x) in zip(flat, flat_boxed, strict=True)
         ]
-        out = {**boxed, "params": jax.tree.unflatten(treedef, new)}
+        out = {**variables, "params": jax.tree.unflatten(treedef, new)}
         return type(variables)(out) if type(variables) is not dict else out
 
     return Probe(params, kernels, apply, order, rebuild)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _models import LinenCNN, LinenMLP, NnxMLP, activation, batch
+from flax import linen as nn
 from flax import nnx
 
 import jstab
@@ -153,3 +154,27 @@ def test_bad_arguments_are_named(kwargs, error):
     model = LinenMLP(depth=1, width=4)
     with pytest.raises(ValueError, match=error):
         jstab.lsuv(model, model.init(jax.random.key(0), x), x, **kwargs)
+
+
+class _Partitioned(nn.Module):
+    """Kernels boxed with sharding metadata, as in a model-parallel setup."""
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model"))
+        x = jnp.tanh(nn.Dense(16, kernel_init=init)(x))
+        return nn.Dense(4, kernel_init=init)(x)
+
+
+def test_boxed_kernels_stay_boxed_and_old_intermediates_are_ignored():
+    x = batch((64, 8))
+    model = _Partitioned()
+    variables = model.init(jax.random.key(0), x)
+    # Intermediates captured earlier, with a variance far from 1.
+    variables["intermediates"] = {"Dense_0": {"__call__": (x * 100,)}}
+    new = jstab.lsuv(model, variables, x, tol=0.01)
+    kernel = new["params"]["Dense_0"]["kernel"]
+    assert isinstance(kernel, nn.Partitioned) and kernel.names == (None, "model")
+    assert new["intermediates"] is variables["intermediates"]
+    report = jstab.signal_propagation(model, new, x, nonlinearity="tanh")
+    np.testing.assert_allclose(report.activation_std**2, 1.0, atol=0.01)
