@@ -12,8 +12,39 @@ JSTAB_TEST_XLA_OPT=1 to keep XLA's defaults.
 """
 
 import os
+import subprocess
+import sys
+
+import pytest
 
 if not os.environ.get("JSTAB_TEST_XLA_OPT"):
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_backend_optimization_level" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+
+
+@pytest.fixture
+def run_on_eight_devices():
+    """Runs a Python script in a subprocess that sees 8 virtual CPU devices.
+
+    The device count must be set before JAX is imported, and the rest of the
+    suite runs on one device. The script must print "ok" last.
+    """
+
+    def run(script: str) -> None:
+        env = dict(os.environ)
+        env["XLA_FLAGS"] = (
+            env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+        )
+        env["JAX_PLATFORMS"] = "cpu"
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert result.stdout.strip().endswith("ok")
+
+    return run

@@ -1,12 +1,9 @@
 """Clipping on 8 (virtual CPU) devices: sharded jit and shard_map.
 
-The script runs in a subprocess because the device count must be set before
-JAX is imported, and the rest of the suite runs on one device.
+The script runs in a subprocess (the ``run_on_eight_devices`` fixture of
+``tests/conftest.py``).
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 SCRIPT = textwrap.dedent(
@@ -94,18 +91,5 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_sharded_jit_and_shard_map_match_one_device():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    )
-    env["JAX_PLATFORMS"] = "cpu"
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.strip().endswith("ok")
+def test_sharded_jit_and_shard_map_match_one_device(run_on_eight_devices):
+    run_on_eight_devices(SCRIPT)
