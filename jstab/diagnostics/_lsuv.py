@@ -22,14 +22,7 @@ def _variances(found: _probe.Probe):
 
     def measure(params):
         _, outs = found.apply(params)
-        return {
-            name: jnp.var(
-                jnp.concatenate(
-                    [x.astype(_numerics.compute_dtype(x.dtype)).ravel() for x in calls]
-                )
-            )
-            for name, calls in outs.items()
-        }
+        return {name: jnp.var(_probe.rows(calls)) for name, calls in outs.items()}
 
     return jax.jit(measure)
 
@@ -97,12 +90,15 @@ def lsuv(
     found = _probe.probe(module, variables, batch, model_kwargs)
     variances = _variances(found)
     params = list(found.params)
-    variances(params)  # the first trace finds the layers' order
-    keys = jax.random.split(key, len(found.order))
-    for name, k in zip(found.order, keys, strict=True):
+    measured = variances(params)  # the first trace finds the layers' order
+    layers = [name for name in found.order if name in measured]
+    if not layers:
+        raise TypeError("module: the forward pass called none of its layers")
+    keys = jax.random.split(key, len(layers))
+    for name, k in zip(layers, keys, strict=True):
         i = found.kernels[name]
         params[i] = orthogonal()(k, params[i].shape, params[i].dtype)
-    for name in found.order:
+    for name in layers:
         i = found.kernels[name]
         for _ in range(max_iters):
             var = float(variances(params)[name])

@@ -24,9 +24,12 @@ from typing import Any
 
 import chex
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 from flax.core import meta
+
+from jstab import _numerics
 
 Path = tuple[Any, ...]
 Outputs = dict[str, list[chex.Array]]
@@ -62,6 +65,27 @@ def _kernels(paths: list[Path]) -> dict[str, int]:
         for i, p in enumerate(paths)
         if len(p) > 1 and p[-1] == "kernel"
     }
+
+
+def rows(calls: list[chex.Array]) -> chex.Array:
+    """A layer's outputs over all its calls as ``(positions, units)``, wide.
+
+    Units are the last axis (a Dense layer's features, a convolution's
+    channels); every other axis, and every call, is a position. If calls
+    disagree on the number of units, only the first call is kept. Rows are
+    in at least float32.
+    """
+    for x in calls:
+        if not isinstance(x, jax.Array):
+            raise TypeError(
+                f"a layer returned a {type(x).__name__}; jstab's diagnostics "
+                "need layers (modules owning a 'kernel') that return one array"
+            )
+    if len({x.shape[-1:] for x in calls}) > 1:
+        calls = calls[:1]
+    units = calls[0].shape[-1] if calls[0].ndim else 1
+    wide = _numerics.compute_dtype(calls[0].dtype)
+    return jnp.concatenate([x.reshape(-1, units).astype(wide) for x in calls])
 
 
 def probe(module: Any, variables: Any, batch: Any, kwargs: Mapping | None) -> Probe:
@@ -135,7 +159,8 @@ def _linen(module: nn.Module, variables: Any, batch: Any, kwargs: dict) -> Probe
                 {**plain, "params": tree},
                 batch,
                 capture_intermediates=capture,
-                mutable=True,
+                # Batch statistics may change in training mode; params may not.
+                mutable=[c for c in plain if c != "params"] + ["intermediates"],
                 **kwargs,
             )
         outs = {}

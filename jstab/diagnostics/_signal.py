@@ -88,22 +88,7 @@ def _default_loss(output: Any) -> chex.Array:
 
 def _layer_stats(calls: list[chex.Array], nonlinearity: str) -> list[chex.Array]:
     """Mean, std and dead fraction of a layer's outputs over all its calls."""
-    for x in calls:
-        if not isinstance(x, jax.Array):
-            raise TypeError(
-                f"a layer returned a {type(x).__name__}; signal_propagation "
-                "needs layers (modules owning a 'kernel') that return one array"
-            )
-    units = {x.shape[-1] if x.ndim else 1 for x in calls}
-    calls = calls if len(units) == 1 else calls[:1]
-    rows = jnp.concatenate(
-        [
-            x.reshape(-1, x.shape[-1] if x.ndim else 1).astype(
-                _numerics.compute_dtype(x.dtype)
-            )
-            for x in calls
-        ]
-    )
+    rows = _probe.rows(calls)
     if nonlinearity == "relu":
         dead = jnp.all(rows <= 0, axis=0)
     else:
@@ -135,7 +120,9 @@ def _report(
         }
 
     measured = jax.device_get(jax.jit(measure)(found.params))
-    names = tuple(found.order)
+    names = tuple(name for name in found.order if name in measured)
+    if not names:
+        raise TypeError("module: the forward pass called none of its layers")
     table = np.array([measured[n] for n in names], np.float32).reshape(len(names), 4)
     mean, std, dead, grad = (np.ascontiguousarray(c) for c in table.T)
     vanishing = bool(grad[0] < vanishing_ratio * grad[-1])

@@ -201,3 +201,24 @@ class _Pair(nn.Module):
     def __call__(self, x):
         y = nn.Dense(3)(x)
         return y, y
+
+
+class _Unused(nn.Module):
+    """Owns a layer its forward pass never calls."""
+
+    def setup(self):
+        self.dense = nn.Dense(3)
+
+    def __call__(self, x):
+        return x * 2.0
+
+
+def test_a_model_that_calls_no_layer_is_refused():
+    x = batch((4, 3))
+    variables = {
+        "params": {"dense": {"kernel": jnp.ones((3, 3)), "bias": jnp.zeros(3)}}
+    }
+    with pytest.raises(TypeError, match="called none of its layers"):
+        jstab.signal_propagation(_Unused(), variables, x)
+    with pytest.raises(TypeError, match="called none of its layers"):
+        jstab.lsuv(_Unused(), variables, x)
