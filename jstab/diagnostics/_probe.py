@@ -218,6 +218,9 @@ def _nnx_path(keys: tuple) -> Path:
 
 def _nnx(model: nnx.Module, batch: Any, kwargs: dict) -> Probe:
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+    # split and merge share Variable objects with the model: every module
+    # built here gets new ones, unflattened from the arrays.
+    others, others_def = jax.tree.flatten(rest)
     flat_state, treedef = jax.tree_util.tree_flatten_with_path(state)
     paths = [_nnx_path(path) for path, _ in flat_state]
     params = [x for _, x in flat_state]
@@ -225,9 +228,12 @@ def _nnx(model: nnx.Module, batch: Any, kwargs: dict) -> Probe:
     layers = {paths[i][:-1]: name for name, i in kernels.items()}
     order: list[str] = []
 
+    def rebuild(flat):
+        params = jax.tree.unflatten(treedef, flat)
+        return nnx.merge(graphdef, params, jax.tree.unflatten(others_def, others))
+
     def apply(flat):
-        tree = jax.tree.unflatten(treedef, flat)
-        copy = nnx.merge(graphdef, tree, rest)
+        copy = rebuild(flat)
         names = {}
         for path, node in nnx.iter_graph(copy):
             name = layers.get(tuple(path))
@@ -252,9 +258,5 @@ def _nnx(model: nnx.Module, batch: Any, kwargs: dict) -> Probe:
         finally:
             _RECORDER.reset(token)
         return y, outs
-
-    def rebuild(flat):
-        tree = jax.tree.unflatten(treedef, flat)
-        return nnx.merge(graphdef, tree, rest)
 
     return Probe(params, kernels, apply, order, rebuild)

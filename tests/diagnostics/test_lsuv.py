@@ -34,7 +34,12 @@ def _nnx_variances(model, x):
 
 
 def _copy(tree):
-    return jax.tree.map(np.array, tree)
+    def numpy(x):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        return np.array(x)
+
+    return jax.tree.map(numpy, tree)
 
 
 @pytest.mark.parametrize(
@@ -178,3 +183,33 @@ def test_boxed_kernels_stay_boxed_and_old_intermediates_are_ignored():
     assert new["intermediates"] is variables["intermediates"]
     report = jstab.signal_propagation(model, new, x, nonlinearity="tanh")
     np.testing.assert_allclose(report.activation_std**2, 1.0, atol=0.01)
+
+
+class _NnxCNN(nnx.Module):
+    """Convolutions, batch statistics and dropout (random state)."""
+
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+        self.norm = nnx.BatchNorm(8, rngs=rngs)
+        self.drop = nnx.Dropout(0.2, rngs=rngs)
+        self.out = nnx.Linear(8 * 8 * 8, 4, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.drop(jax.nn.relu(self.norm(self.conv(x))))
+        return self.out(x.reshape(x.shape[0], -1))
+
+
+def test_nnx_model_with_state_shares_nothing_with_the_result():
+    x = batch((16, 8, 8, 3))
+    model = _NnxCNN(nnx.Rngs(0))
+    before = _copy(nnx.state(model))
+    report = jstab.signal_propagation(model, x)  # training mode: stats move
+    assert report.layers == ("conv", "out")
+    new = jstab.lsuv(model, x, tol=0.02)
+    jax.tree.map(np.testing.assert_array_equal, _copy(nnx.state(model)), before)
+    assert abs(float(jnp.var(new.conv(x))) - 1.0) <= 0.02
+    # New Variables: changing the result leaves the model as it was.
+    new.norm.mean[...] = jnp.full((8,), 5.0)
+    new.out.bias[...] = jnp.full((4,), 5.0)
+    new(x)  # draws dropout masks: advances the random state
+    jax.tree.map(np.testing.assert_array_equal, _copy(nnx.state(model)), before)
