@@ -63,6 +63,8 @@ def lsuv(
     on ``batch`` (all its elements, before the nonlinearity). Biases are left
     as they are. A layer whose output has zero or non-finite variance cannot
     be rescaled: it is left with its orthogonal kernel and a warning names it.
+    Layers inside a transform of the model (a ``scan``) are left as they were,
+    with a warning, as in :func:`signal_propagation`.
     Each pass is one jit-compiled forward pass; the result is deterministic
     given ``key``.
 
@@ -91,6 +93,7 @@ def lsuv(
     variances = _variances(found)
     params = list(found.params)
     measured = variances(params)  # the first trace finds the layers' order
+    found.warn_hidden("lsuv")
     layers = [name for name in found.order if name in measured]
     if not layers:
         raise TypeError("module: the forward pass called none of its layers")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -46,6 +47,9 @@ class Probe:
         traceable; tracing it fills ``order``.
       order: the names of the layers called, in the order of their first call.
       rebuild: ``rebuild(params)``: new Linen variables or a new NNX module.
+      hidden: the layers called inside a JAX transform of the model (a
+        ``scan``, an ``RNN``), whose outputs cannot be seen from outside it;
+        filled by tracing ``apply``.
     """
 
     params: list[chex.Array]
@@ -53,6 +57,18 @@ class Probe:
     apply: Callable[[list[chex.Array]], tuple[Any, Outputs]]
     order: list[str]
     rebuild: Callable[[list[chex.Array]], Any]
+    hidden: list[str] = dataclasses.field(default_factory=list)
+
+    def warn_hidden(self, what: str) -> None:
+        """Warns that ``what`` leaves out the :attr:`hidden` layers."""
+        if self.hidden:
+            warnings.warn(
+                f"{what}: layers called inside a transform of the model (a scan, "
+                f"an RNN) cannot be seen and are left out: {', '.join(self.hidden)}. "
+                "Call them in a Python loop to include them.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 def _name(path: Path) -> str:
@@ -170,6 +186,7 @@ def _linen(module: nn.Module, variables: Any, batch: Any, kwargs: dict) -> Probe
                 node = node.get(key, {})
             if "__call__" in node:
                 outs[name] = list(node["__call__"])
+        found.hidden[:] = [name for name in order if name not in outs]
         return y, outs
 
     def rebuild(flat):
@@ -180,7 +197,8 @@ def _linen(module: nn.Module, variables: Any, batch: Any, kwargs: dict) -> Probe
         out = {**variables, "params": jax.tree.unflatten(treedef, new)}
         return type(variables)(out) if type(variables) is not dict else out
 
-    return Probe(params, kernels, apply, order, rebuild)
+    found = Probe(params, kernels, apply, order, rebuild)
+    return found
 
 
 _RECORDER: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
@@ -244,7 +262,10 @@ def _nnx(model: nnx.Module, batch: Any, kwargs: dict) -> Probe:
 
         def record(layer, out):
             name = names.get(id(layer))
-            if name is None:
+            if name is None:  # a copy made by an NNX transform inside the model
+                hidden = f"a {type(layer).__name__}"
+                if hidden not in found.hidden:
+                    found.hidden.append(hidden)
                 return
             if out is None:
                 if name not in order:
@@ -259,4 +280,5 @@ def _nnx(model: nnx.Module, batch: Any, kwargs: dict) -> Probe:
             _RECORDER.reset(token)
         return y, outs
 
-    return Probe(params, kernels, apply, order, rebuild)
+    found = Probe(params, kernels, apply, order, rebuild)
+    return found

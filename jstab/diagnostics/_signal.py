@@ -174,7 +174,9 @@ def signal_propagation(
     propagation"). The model is used as it is: Linen outputs come from
     ``capture_intermediates``, NNX ones from a throwaway copy of the model.
     A layer called several times (a shared or recurrent cell) is measured
-    over all its calls.
+    over all its calls. Layers called inside a transform of the model (a
+    ``scan``, such as ``nn.RNN`` or ``nnx.RNN``) cannot be seen from outside
+    it: they are left out, with a warning naming them.
 
     Args:
       module: a ``flax.linen.Module`` or a ``flax.nnx.Module``.
@@ -199,4 +201,6 @@ def signal_propagation(
     _checks.positive("exploding_ratio", exploding_ratio)
     variables, batch = _probe.arguments(module, args)
     found = _probe.probe(module, variables, batch, model_kwargs)
-    return _report(found, loss_fn, nonlinearity, vanishing_ratio, exploding_ratio)
+    report = _report(found, loss_fn, nonlinearity, vanishing_ratio, exploding_ratio)
+    found.warn_hidden("signal_propagation")
+    return report

@@ -222,3 +222,59 @@ def test_a_model_that_calls_no_layer_is_refused():
         jstab.signal_propagation(_Unused(), variables, x)
     with pytest.raises(TypeError, match="called none of its layers"):
         jstab.lsuv(_Unused(), variables, x)
+
+
+class _Scanned(nn.Module):
+    """A recurrent cell run by nn.RNN (a scan): its layers are hidden."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(1)(nn.RNN(nn.SimpleCell(8))(x)[:, -1])
+
+
+class _Unrolled(nn.Module):
+    """The same cell called in a Python loop over time: every call is seen."""
+
+    @nn.compact
+    def __call__(self, x):
+        cell = nn.SimpleCell(8)
+        carry = cell.initialize_carry(jax.random.key(0), x[:, 0].shape)
+        for t in range(x.shape[1]):
+            carry, y = cell(carry, x[:, t])
+        return nn.Dense(1)(y)
+
+
+class _NnxScanned(nnx.Module):
+    def __init__(self, rngs):
+        self.rnn = nnx.RNN(nnx.SimpleCell(3, 8, rngs=rngs))
+        self.out = nnx.Linear(8, 1, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(self.rnn(x)[:, -1])
+
+
+def test_layers_inside_a_scan_are_named_in_a_warning():
+    x = batch((4, 6, 3))
+    model = _Scanned()
+    variables = model.init(jax.random.key(0), x)
+    with pytest.warns(RuntimeWarning, match="SimpleCell_0/i, SimpleCell_0/h"):
+        report = jstab.signal_propagation(model, variables, x)
+    assert report.layers == ("Dense_0",)
+    with pytest.warns(RuntimeWarning, match="lsuv: .* SimpleCell_0/i"):
+        jstab.lsuv(model, variables, x)
+    with pytest.warns(RuntimeWarning, match="a Linear"):
+        report = jstab.signal_propagation(_NnxScanned(nnx.Rngs(0)), x)
+    assert report.layers == ("out",)
+
+
+def test_an_unrolled_recurrent_cell_is_measured_over_all_steps():
+    x = batch((4, 6, 3))
+    model = _Unrolled()
+    variables = model.init(jax.random.key(0), x)
+    report = jstab.signal_propagation(model, variables, x, nonlinearity="tanh")
+    assert report.layers == ("SimpleCell_0/i", "SimpleCell_0/h", "Dense_0")
+    _, state = model.apply(variables, x, capture_intermediates=True)
+    calls = state["intermediates"]["SimpleCell_0"]["h"]["__call__"]
+    assert len(calls) == 6
+    want = np.concatenate([np.ravel(c) for c in calls]).std()
+    np.testing.assert_allclose(report.activation_std[1], want, rtol=1e-5)
