@@ -16,6 +16,8 @@ from jstab.clipping import (
     clip_by_layer_norm,
     clip_by_range,
     clip_by_value,
+    clip_grad_norm,
+    global_norm,
     skip_on_spike,
     zclip,
 )
@@ -25,6 +27,7 @@ from jstab.diagnostics import (
     lsuv,
     monitor_gradients,
     signal_propagation,
+    statistics,
 )
 from jstab.init import (
     Initializer,
@@ -66,10 +69,12 @@ __all__ = [
     "clip_by_layer_norm",
     "clip_by_range",
     "clip_by_value",
+    "clip_grad_norm",
     "compute_fans",
     "delta_orthogonal",
     "glorot_normal",
     "glorot_uniform",
+    "global_norm",
     "he_normal",
     "he_uniform",
     "kaiming_normal",
@@ -83,6 +88,7 @@ __all__ = [
     "skip_on_spike",
     "small_normal",
     "small_uniform",
+    "statistics",
     "truncated_normal",
     "variance_scaling",
     "xavier_normal",

@@ -2,7 +2,11 @@
 
 from jstab.clipping._agc import adaptive_grad_clip
 from jstab.clipping._autoclip import AutoClipState, autoclip
-from jstab.clipping._global_norm import clip_by_global_norm
+from jstab.clipping._global_norm import (
+    clip_by_global_norm,
+    clip_grad_norm,
+    global_norm,
+)
 from jstab.clipping._layer_norm import clip_by_layer_norm
 from jstab.clipping._skip import SkipState, skip_on_spike
 from jstab.clipping._state import ClipState
@@ -20,6 +24,8 @@ __all__ = [
     "clip_by_layer_norm",
     "clip_by_range",
     "clip_by_value",
+    "clip_grad_norm",
+    "global_norm",
     "skip_on_spike",
     "zclip",
 ]

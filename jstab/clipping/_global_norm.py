@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import chex
 import jax
+import jax.numpy as jnp
 import optax
 
 from jstab import _numerics
@@ -68,10 +70,123 @@ def clip_by_global_norm(
 
     def update_fn(updates, state, params=None):
         del params
-        leaves, treedef = jax.tree.flatten(updates)
-        norm = _numerics.global_norm(leaves, ord, axis_name)
-        threshold = _numerics.resolve(max_norm, state.count, norm.dtype)
-        out, clipped = _numerics.clip_to_norm(leaves, norm, threshold)
-        return jax.tree.unflatten(treedef, out), _state.advance(state, norm, clipped)
+        threshold = max_norm(state.count) if callable(max_norm) else max_norm
+        out, norm, clipped = _clip(updates, threshold, ord, axis_name)
+        return out, _state.advance(state, norm, clipped)
 
     return optax.GradientTransformation(_state.init_scalar, update_fn)
+
+
+def _clip(tree, max_norm, ord, axis_name):
+    """The rule itself, shared by the transform and :func:`clip_grad_norm`."""
+    leaves, treedef = jax.tree.flatten(tree)
+    norm = _numerics.global_norm(leaves, ord, axis_name)
+    out, clipped = _numerics.clip_to_norm(leaves, norm, jnp.asarray(max_norm))
+    return jax.tree.unflatten(treedef, out), norm, clipped
+
+
+def _float_leaves(name: str, tree: chex.ArrayTree) -> chex.ArrayTree:
+    """``tree`` with array-like leaves made arrays; raises on a non-float leaf."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves = []
+    for path, leaf in flat:
+        x = leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            where = jax.tree_util.keystr(path) or "the root"
+            raise TypeError(
+                f"`{name}` must hold floating-point arrays; the leaf at {where} "
+                f"has dtype {x.dtype}."
+            )
+        leaves.append(x)
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def global_norm(
+    tree: chex.ArrayTree, ord: float = 2, *, axis_name: AxisName = None
+) -> chex.Array:
+    r"""The norm of all the leaves of ``tree`` taken together.
+
+    .. math::
+      \lVert g \rVert = \Big(\sum_{\text{leaves}} \sum_i |g_i|^p\Big)^{1/p}
+
+    with ``p = ord``. The norm :func:`clip_by_global_norm` measures and
+    records, as a function for any training loop, with or without Optax.
+    Unlike ``optax.tree.norm``, which squares in each leaf's dtype (a float16
+    tree with an element above 256 has an infinite norm), bfloat16 and
+    float16 leaves are accumulated in float32, and float32 trees as large as
+    1e30 or as small as 1e-30 have a finite, accurate norm.
+
+    Args:
+      tree: a pytree of floating-point arrays (``None`` leaves are skipped).
+      ord: 2 or ``jnp.inf`` (the largest ``|g_i|``).
+      axis_name: inside ``shard_map``, the mesh axis name (or names) ``tree``
+        is split over; the partial norms are then combined with ``lax.psum``
+        / ``lax.pmax``. Not needed under ``jax.jit`` with sharded arrays.
+
+    Returns:
+      A scalar: float32 for trees of float32 and narrower leaves, float64
+      if any leaf is float64; 0 for a tree without leaves.
+
+    Example:
+      >>> import jax.numpy as jnp, jstab
+      >>> float(jstab.global_norm({"w": jnp.full(4, 300.0, jnp.float16)}))
+      600.0
+    """
+    _numerics.static_ord(ord)
+    leaves = jax.tree.leaves(_float_leaves("tree", tree))
+    return _numerics.global_norm(leaves, ord, axis_name)
+
+
+def clip_grad_norm(
+    grads: chex.ArrayTree,
+    max_norm: float | chex.Array,
+    ord: float = 2,
+    *,
+    axis_name: AxisName = None,
+) -> tuple[chex.ArrayTree, chex.Array]:
+    r"""``grads`` scaled so that their global norm is at most ``max_norm``.
+
+    .. math::
+      g \leftarrow g \cdot \min\left(1, \frac{\theta}{\lVert g \rVert}\right)
+
+    PyTorch's ``torch.nn.utils.clip_grad_norm_``, made pure: it returns the
+    clipped gradient and the norm measured before clipping, for logging. The
+    same code as :func:`clip_by_global_norm` (whose state records the same
+    norm), so the two give the same bits: each leaf keeps its dtype, norms of
+    half-precision leaves are accumulated in float32, and a gradient whose
+    norm is at most ``max_norm`` comes back bit for bit unchanged. PyTorch
+    adds 1e-6 to the norm; this does not, so the output norm is ``max_norm``
+    to within rounding.
+
+    Args:
+      grads: a pytree of floating-point arrays.
+      max_norm: the threshold θ > 0, a float or a scalar array (traced under
+        ``jax.jit`` if you like). For a schedule, use
+        :func:`clip_by_global_norm`, which counts the steps.
+      ord: 2 or ``jnp.inf``.
+      axis_name: inside ``shard_map``, the mesh axis name (or names) the
+        gradient is split over, as in :func:`global_norm`.
+
+    Returns:
+      ``(clipped_grads, norm)``, with ``norm`` as :func:`global_norm` gives
+      it.
+
+    Example:
+      >>> import jax.numpy as jnp, jstab
+      >>> g, norm = jstab.clip_grad_norm({"w": jnp.array([3.0, 4.0])}, 1.0)
+      >>> g["w"].tolist(), float(norm)
+      ([0.6000000238418579, 0.800000011920929], 5.0)
+    """
+    if callable(max_norm):
+        raise TypeError(
+            f"`max_norm` must be a float or a scalar array, got {max_norm!r}; "
+            "for a schedule use jstab.clip_by_global_norm."
+        )
+    if _numerics.is_traced(max_norm) and max_norm.shape != ():
+        raise TypeError(
+            f"`max_norm` must be a scalar, got an array of shape {max_norm.shape}."
+        )
+    _numerics.check_threshold("max_norm", max_norm)
+    _numerics.static_ord(ord)
+    out, norm, _ = _clip(_float_leaves("grads", grads), max_norm, ord, axis_name)
+    return out, norm

@@ -3,6 +3,7 @@
 from jstab.diagnostics._lsuv import lsuv
 from jstab.diagnostics._monitor import MonitorState, monitor_gradients
 from jstab.diagnostics._signal import SignalReport, signal_propagation
+from jstab.diagnostics._statistics import statistics
 
 __all__ = [
     "MonitorState",
@@ -10,4 +11,5 @@ __all__ = [
     "lsuv",
     "monitor_gradients",
     "signal_propagation",
+    "statistics",
 ]
