@@ -92,6 +92,10 @@ def variants() -> dict[str, optax.GradientTransformation]:
         "jstab.autoclip": jstab.autoclip(10.0, history=1000),
         "jstab.zclip": jstab.zclip(),
         "jstab.monitor_gradients": jstab.monitor_gradients(),
+        # The functional twin, as a hand-written loop calls it.
+        "jstab.clip_grad_norm": optax.stateless(
+            lambda g, _: jstab.clip_grad_norm(g, 1.0)[0]
+        ),
         "optax.clip_by_global_norm": optax.clip_by_global_norm(1.0),
         "optax.clip": optax.clip(1e-3),
         "optax.clip_by_block_rms": optax.clip_by_block_rms(1e-4),

@@ -39,6 +39,9 @@ def clip_by_global_norm(
       unchanged), so XLA fuses the scaling into the optimizer's update
       instead of selecting between two copies.
 
+    The same rule, as a function for hand-written loops, is
+    :func:`clip_grad_norm`; the norm alone is :func:`global_norm`.
+
     Args:
       max_norm: the threshold θ > 0: a float, a scalar array, or an
         ``optax.Schedule`` of the step count.

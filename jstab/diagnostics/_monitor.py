@@ -114,6 +114,7 @@ def monitor_gradients(
     are accurate down to the smallest: a layer whose squares all underflow
     is measured again, scaled up, rather than reported as 0 (which costs a
     second read of the gradient in a step where some leaf is exactly zero).
+    :func:`statistics` gives the state as a flat dict, for a logger.
 
     Args:
       vanishing_ratio: ``r`` > 0, the ratio of the smallest to the largest

@@ -50,6 +50,10 @@ def _key(entry) -> str:
     return str(entry)
 
 
+def _kind(node) -> tuple[str, tuple[str, ...]]:
+    return next(v for t, v in _KINDS.items() if isinstance(node, t))
+
+
 def _states(tree, found: list) -> list:
     """The jstab states in ``tree``, depth first; those a skip wraps follow it."""
     for node in jax.tree.leaves(tree, is_leaf=_is_state):
@@ -114,12 +118,12 @@ def statistics(opt_state: optax.OptState) -> dict[str, chex.Array]:
     states = _states(opt_state, [])
     totals: dict[str, int] = {}
     for node in states:
-        kind = _KINDS[type(node)][0]
+        kind = _kind(node)[0]
         totals[kind] = totals.get(kind, 0) + 1
     seen: dict[str, int] = {}
     out: dict[str, chex.Array] = {}
     for node in states:
-        kind, fields = _KINDS[type(node)]
+        kind, fields = _kind(node)
         name = kind
         if totals[kind] > 1:
             name = f"{kind}_{seen.get(kind, 0)}"
