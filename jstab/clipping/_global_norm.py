@@ -73,18 +73,21 @@ def clip_by_global_norm(
 
     def update_fn(updates, state, params=None):
         del params
-        threshold = max_norm(state.count) if callable(max_norm) else max_norm
-        out, norm, clipped = _clip(updates, threshold, ord, axis_name)
+        out, norm, clipped = _clip(updates, max_norm, state.count, ord, axis_name)
         return out, _state.advance(state, norm, clipped)
 
     return optax.GradientTransformation(_state.init_scalar, update_fn)
 
 
-def _clip(tree, max_norm, ord, axis_name):
-    """The rule itself, shared by the transform and :func:`clip_grad_norm`."""
+def _clip(tree, max_norm, count, ord, axis_name):
+    """The rule itself, shared by the transform and :func:`clip_grad_norm`.
+
+    ``count`` is the step a schedule is evaluated at (``None`` for a number).
+    """
     leaves, treedef = jax.tree.flatten(tree)
     norm = _numerics.global_norm(leaves, ord, axis_name)
-    out, clipped = _numerics.clip_to_norm(leaves, norm, jnp.asarray(max_norm))
+    threshold = _numerics.resolve(max_norm, count, norm.dtype)
+    out, clipped = _numerics.clip_to_norm(leaves, norm, threshold)
     return jax.tree.unflatten(treedef, out), norm, clipped
 
 
@@ -191,5 +194,6 @@ def clip_grad_norm(
         )
     _numerics.check_threshold("max_norm", max_norm)
     _numerics.static_ord(ord)
-    out, norm, _ = _clip(_float_leaves("grads", grads), max_norm, ord, axis_name)
+    grads = _float_leaves("grads", grads)
+    out, norm, _ = _clip(grads, max_norm, None, ord, axis_name)
     return out, norm

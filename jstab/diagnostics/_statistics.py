@@ -116,19 +116,13 @@ def statistics(opt_state: optax.OptState) -> dict[str, chex.Array]:
       {'clip/norm': 5.0, 'clip/clipped': 1.0, 'clip/clip_count': 1}
     """
     states = _states(opt_state, [])
-    totals: dict[str, int] = {}
-    for node in states:
-        kind = _kind(node)[0]
-        totals[kind] = totals.get(kind, 0) + 1
-    seen: dict[str, int] = {}
+    kinds = [_kind(node)[0] for node in states]
     out: dict[str, chex.Array] = {}
-    for node in states:
-        kind, fields = _kind(node)
+    for i, (node, kind) in enumerate(zip(states, kinds, strict=True)):
         name = kind
-        if totals[kind] > 1:
-            name = f"{kind}_{seen.get(kind, 0)}"
-            seen[kind] = seen.get(kind, 0) + 1
-        for field in fields:
+        if kinds.count(kind) > 1:  # numbered by position among its kind
+            name = f"{kind}_{kinds[:i].count(kind)}"
+        for field in _kind(node)[1]:
             if field == "std":
                 value = jnp.sqrt(_value(node.var))
             else:
