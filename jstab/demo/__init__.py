@@ -1,0 +1,105 @@
+"""``jstab demo``: vanishing and exploding gradients, and their remedies, measured.
+
+Part A trains a deep MLP on scikit-learn's digits with each initialization,
+architecture and clipping rule; part B trains recurrent networks on the
+adding problem. Every configuration is diagnosed at initialization and
+trained for several seeds; the results make a table and plots.
+
+The pieces are meant to be read and forked:
+
+- :mod:`jstab.demo.data`: the digits split and the adding problem;
+- :mod:`jstab.demo.models`: the MLP and the recurrent regressor (Flax Linen);
+- :mod:`jstab.demo.train`: the training loop (seeds vmapped, steps scanned);
+- :mod:`jstab.demo.experiments`: the configurations, and measuring one;
+- :mod:`jstab.demo.report`: the table, the plots and the JSON record.
+
+Needs the ``demo`` extra (scikit-learn, matplotlib, tqdm).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+
+from jstab.demo import data, report
+from jstab.demo.experiments import (
+    CONFIGS,
+    DEFAULT,
+    QUICK,
+    Budget,
+    Config,
+    Result,
+    measure,
+)
+
+__all__ = [
+    "CONFIGS",
+    "DEFAULT",
+    "QUICK",
+    "Budget",
+    "Config",
+    "Result",
+    "measure",
+    "run",
+]
+
+
+def run(
+    configs: Sequence[Config] = CONFIGS,
+    budget: Budget = DEFAULT,
+    out: Path | str | None = None,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[Result]:
+    """Measures ``configs`` one after the other; writes the outputs to ``out``.
+
+    Args:
+      configs: the configurations, in the table's order.
+      budget: the sizes and the training budget of every configuration.
+      out: the folder of the table, plots and JSON record
+        (:func:`report.write`); nothing is written if ``None``.
+      seed: the seed of every key (initializations, minibatches, test data).
+      progress: whether to show a progress bar (tqdm) on stderr.
+
+    Returns:
+      One :class:`Result` per configuration.
+    """
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    split = data.digits()
+    bar = tqdm(
+        total=len(configs) * budget.steps,
+        unit="step",
+        disable=not progress,
+        leave=False,
+    )
+    results = []
+    with bar:
+        for config in configs:
+            bar.set_description(config.name)
+            done = bar.n
+
+            def advance(steps: int, done: int = done) -> None:
+                bar.update(done + steps - bar.n)
+
+            results.append(
+                measure(config, budget, seed=seed, split=split, progress=advance)
+            )
+    if out is not None:
+        report.write(
+            results,
+            budget,
+            Path(out),
+            seed=seed,
+            seconds=time.perf_counter() - start,
+            jax=jax.__version__,
+            device=str(jax.devices()[0].device_kind),
+            machine=f"{platform.machine()}, {platform.processor() or 'cpu'}",
+        )
+    return results

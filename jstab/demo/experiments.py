@@ -1,0 +1,388 @@
+"""The demo's configurations, and how one of them is measured.
+
+Each :class:`Config` is one row of the demo's table: a model, what is
+measured at initialization, and an optimizer (Adam, with or without a
+clipping transform before it). :func:`measure` runs it for several seeds and
+returns a :class:`Result`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+
+import jstab
+from jstab.demo import data, models, train
+
+Task = Literal["digits", "adding"]
+VANISHING_RATIO = 1e-3  # the thresholds of jstab.signal_propagation
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """What one run of the demo may spend.
+
+    Attributes:
+      seeds: models trained per configuration, side by side.
+      steps: Adam steps per model.
+      depth: Dense layers of the MLP.
+      width: units of each hidden layer of the MLP.
+      batch: minibatch size.
+      length: steps of each adding-problem sequence.
+      hidden: units of the recurrent cells.
+      learning_rate: Adam's learning rate.
+    """
+
+    seeds: int = 3
+    steps: int = 1000
+    depth: int = 20
+    width: int = 64
+    batch: int = 64
+    length: int = 50
+    hidden: int = 64
+    learning_rate: float = 1e-3
+
+
+DEFAULT = Budget()
+QUICK = Budget(seeds=2, steps=200)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One configuration: a model, its initialization and its optimizer.
+
+    Attributes:
+      name: the row's name in the table.
+      task: ``"digits"`` (the MLP) or ``"adding"`` (a recurrent network).
+      model: ``model(budget) -> nn.Module``.
+      nonlinearity: what follows the layers, for the dead-unit statistics of
+        :func:`jstab.signal_propagation`.
+      clip: ``clip() -> GradientTransformation`` chained before Adam, or
+        ``None``.
+      lsuv: whether the kernels are re-initialized by :func:`jstab.lsuv`.
+      quick: whether the row is part of ``jstab demo --quick``.
+    """
+
+    name: str
+    task: Task
+    model: Callable[[Budget], nn.Module]
+    nonlinearity: str = "relu"
+    clip: Callable[[], optax.GradientTransformation] | None = None
+    lsuv: bool = False
+    quick: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """What :func:`measure` found for one configuration.
+
+    Attributes:
+      config: the configuration.
+      ratio: the gradient norm of the first layer over the last one at
+        initialization (MLP: kernels, from :func:`jstab.signal_propagation`;
+        recurrent network: the inputs of the first and the last time step).
+      diagnosis: ``"vanishing"``, ``"exploding"`` or ``"ok"``.
+      train_loss: the mean minibatch loss of the last 50 steps, per seed.
+      metric: test accuracy (digits) or test MSE (adding), per seed.
+      clipped: steps in which the clipping transform clipped, per seed
+        (``None`` without one).
+      skipped: steps that :func:`jstab.skip_on_spike` skipped, per seed
+        (``None`` without it).
+      seconds: wall time, compilation included.
+      loss: the minibatch loss at every step, averaged over seeds.
+      profile: the gradient norm at initialization per layer (MLP) or per
+        time step (recurrent network).
+      report: the :class:`jstab.SignalReport` at initialization (seed 0) of
+        an MLP; ``None`` for a recurrent network.
+    """
+
+    config: Config
+    ratio: float
+    diagnosis: str
+    train_loss: np.ndarray
+    metric: np.ndarray
+    clipped: np.ndarray | None
+    skipped: np.ndarray | None
+    seconds: float
+    loss: np.ndarray
+    profile: np.ndarray
+    report: jstab.SignalReport | None
+
+
+def _exploding_init() -> jstab.Initializer:
+    return jax.nn.initializers.normal(1.0)  # N(0, 1): variance fan_in times He's
+
+
+def _mlp(activation, kernel_init, **kw) -> Callable[[Budget], nn.Module]:
+    return lambda b: models.MLP(b.depth, b.width, 10, activation, kernel_init, **kw)
+
+
+def _rnn(cell: Callable[[Budget], nn.RNNCellBase]) -> Callable[[Budget], nn.Module]:
+    return lambda b: models.RecurrentRegressor(cell(b))
+
+
+def _tanh_rnn(recurrent_init: Callable[[int], jstab.Initializer]):
+    return _rnn(
+        lambda b: nn.SimpleCell(
+            b.hidden,
+            kernel_init=jstab.lecun_normal(),
+            recurrent_kernel_init=recurrent_init(b.hidden),
+        )
+    )
+
+
+def _large(hidden: int) -> jstab.Initializer:
+    # N(0, 4/n): spectral radius about 2, the chaotic regime of a tanh RNN.
+    return jax.nn.initializers.normal(2.0 / np.sqrt(hidden))
+
+
+_EXPLODING = _mlp(nn.relu, _exploding_init())
+_HE = jstab.he_normal()
+CONFIGS: tuple[Config, ...] = (
+    Config(
+        "sigmoid + small N(0, 0.01²)",
+        "digits",
+        _mlp(nn.sigmoid, jstab.small_normal(0.01)),
+        "sigmoid",
+        quick=True,
+    ),
+    Config("ReLU + N(0, 1)", "digits", _EXPLODING),
+    Config("tanh + Glorot", "digits", _mlp(nn.tanh, jstab.glorot_normal()), "tanh"),
+    Config("ReLU + He", "digits", _mlp(nn.relu, _HE), quick=True),
+    Config(
+        "ReLU + orthogonal",
+        "digits",
+        _mlp(nn.relu, jstab.orthogonal(jstab.calculate_gain("relu"))),
+    ),
+    Config("ReLU + LSUV", "digits", _mlp(nn.relu, _HE), lsuv=True),
+    Config(
+        "ReLU + He + residual",
+        "digits",
+        _mlp(nn.relu, _HE, residual=True),
+        quick=True,
+    ),
+    Config(
+        "ReLU + He + batch norm",
+        "digits",
+        _mlp(nn.relu, _HE, batch_norm=True),
+        quick=True,
+    ),
+    Config(
+        "ReLU + N(0, 1) + global-norm clip",
+        "digits",
+        _EXPLODING,
+        clip=lambda: jstab.clip_by_global_norm(1.0),
+        quick=True,
+    ),
+    Config(
+        "ReLU + N(0, 1) + per-layer clip",
+        "digits",
+        _EXPLODING,
+        clip=lambda: jstab.clip_by_layer_norm(1.0),
+    ),
+    Config(
+        "ReLU + N(0, 1) + AGC",
+        "digits",
+        _EXPLODING,
+        clip=lambda: jstab.adaptive_grad_clip(0.01),
+    ),
+    Config(
+        "ReLU + N(0, 1) + AutoClip",
+        "digits",
+        _EXPLODING,
+        clip=lambda: jstab.autoclip(10.0),
+    ),
+    Config(
+        "ReLU + N(0, 1) + ZClip",
+        "digits",
+        _EXPLODING,
+        clip=jstab.zclip,
+    ),
+    Config("tanh RNN, N(0, 4/n) recurrent", "adding", _tanh_rnn(_large), "tanh"),
+    Config(
+        "tanh RNN, N(0, 4/n) + global-norm clip",
+        "adding",
+        _tanh_rnn(_large),
+        "tanh",
+        clip=lambda: jstab.clip_by_global_norm(1.0),
+        quick=True,
+    ),
+    Config(
+        "tanh RNN, orthogonal recurrent",
+        "adding",
+        _tanh_rnn(lambda n: jstab.orthogonal()),
+        "tanh",
+    ),
+    Config(
+        "LSTM (Flax LSTMCell)", "adding", _rnn(lambda b: nn.LSTMCell(b.hidden)), "tanh"
+    ),
+    Config(
+        "GRU (Flax GRUCell)", "adding", _rnn(lambda b: nn.GRUCell(b.hidden)), "tanh"
+    ),
+)
+
+
+def time_gradients(
+    model: nn.Module, params: optax.Params, x: jax.Array, y: jax.Array
+) -> np.ndarray:
+    """``‖∂L/∂x_t‖`` at every time step ``t``: how far back the gradient reaches.
+
+    ``L`` is the MSE of ``model`` (a :class:`models.RecurrentRegressor`) on
+    the sequences ``x`` of shape ``(batch, length, features)`` and the
+    targets ``y``. A vanilla RNN whose gradient vanishes over time has a
+    first step's norm many decades below the last one's.
+    """
+    loss = lambda x: jnp.mean((model.apply({"params": params}, x) - y) ** 2)  # noqa: E731
+    return np.asarray(jnp.linalg.norm(jax.grad(loss)(x), axis=(0, 2)))
+
+
+def _diagnosis(ratio: float) -> str:
+    if not np.isfinite(ratio) or ratio > 1 / VANISHING_RATIO:
+        return "exploding"
+    return "vanishing" if ratio < VANISHING_RATIO else "ok"
+
+
+def _stack(trees: list[Any]) -> Any:
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def _classifier(config: Config, model: nn.Module, budget: Budget, split, keys):
+    """Initial variables, report and task functions of a digits configuration."""
+    x, y = jnp.asarray(split.x_train), jnp.asarray(split.y_train)
+    probe = x[:256]
+    init = jax.jit(model.init)
+    variables = [init(k, x[:2]) for k in keys]
+    if config.lsuv:
+        variables = [
+            jstab.lsuv(model, v, probe, key=k)
+            for v, k in zip(variables, keys, strict=True)
+        ]
+    report = jstab.signal_propagation(
+        model,
+        variables[0],
+        probe,
+        nonlinearity=config.nonlinearity,
+        model_kwargs={"train": True},
+    )
+
+    def sample(key):
+        i = jax.random.randint(key, (budget.batch,), 0, x.shape[0])
+        return x[i], y[i]
+
+    def loss_fn(params, state, batch):
+        logits, state = model.apply(
+            {"params": params, **state}, batch[0], train=True, mutable=list(state)
+        )
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch[1])
+        return loss.mean(), state
+
+    def evaluate(params, state):
+        logits = model.apply({"params": params, **state}, jnp.asarray(split.x_test))
+        return jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(split.y_test))
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = float(report.grad_norm[0] / report.grad_norm[-1])
+    found = (ratio, report.verdict, np.asarray(report.grad_norm), report)
+    return variables, found, sample, loss_fn, evaluate
+
+
+def _regressor(config: Config, model: nn.Module, budget: Budget, key, keys):
+    """Initial variables, time profile and task functions of an adding one."""
+    x_test, y_test = data.adding_problem(key, 1000, budget.length)
+    init = jax.jit(model.init)
+    variables = [init(k, x_test[:2]) for k in keys]
+    profile = time_gradients(model, variables[0]["params"], x_test[:256], y_test[:256])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = float(profile[0] / profile[-1])
+    found = (ratio, _diagnosis(ratio), profile, None)
+
+    def sample(key):
+        return data.adding_problem(key, budget.batch, budget.length)
+
+    def loss_fn(params, state, batch):
+        out = model.apply({"params": params}, batch[0])
+        return jnp.mean((out - batch[1]) ** 2), state
+
+    def evaluate(params, state):
+        return jnp.mean((model.apply({"params": params}, x_test) - y_test) ** 2)
+
+    return variables, found, sample, loss_fn, evaluate
+
+
+def measure(
+    config: Config,
+    budget: Budget = DEFAULT,
+    *,
+    seed: int = 0,
+    split: data.Split | None = None,
+    progress: Callable[[int], Any] | None = None,
+) -> Result:
+    """Initializes, diagnoses and trains ``config`` for ``budget.seeds`` seeds.
+
+    Every key comes from ``seed``, so a run is deterministic given it (on one
+    machine and JAX version).
+
+    Args:
+      config: the configuration.
+      budget: the sizes and the training budget.
+      seed: the seed of the initializations, minibatches and test sequences.
+      split: the digits data (:func:`data.digits`); loaded if ``None``.
+      progress: called with the number of steps done, as training goes.
+
+    Returns:
+      A :class:`Result`.
+    """
+    start = time.perf_counter()
+    model = config.model(budget)
+    key_init, key_data, key_test = jax.random.split(jax.random.key(seed), 3)
+    init_keys = jax.random.split(key_init, budget.seeds)
+    if config.task == "digits":
+        split = data.digits() if split is None else split
+        variables, found, sample, loss_fn, evaluate = _classifier(
+            config, model, budget, split, init_keys
+        )
+    else:
+        variables, found, sample, loss_fn, evaluate = _regressor(
+            config, model, budget, key_test, init_keys
+        )
+    variables = _stack(variables)
+    params = variables.pop("params") if isinstance(variables, dict) else None
+    tx = optax.adam(budget.learning_rate)
+    if config.clip is not None:
+        tx = optax.chain(config.clip(), tx)
+    run = train.fit(
+        loss_fn,
+        tx,
+        params,
+        dict(variables),
+        sample,
+        jax.random.split(key_data, budget.seeds),
+        steps=budget.steps,
+        progress=progress,
+    )
+    metric = jax.jit(jax.vmap(evaluate))(run.params, run.model_state)
+    stats = jstab.statistics(run.opt_state)
+    clipped = [v for k, v in stats.items() if k.endswith("/clip_count")]
+    skipped = stats.get("skip_on_spike/skip_count")
+    ratio, diagnosis, profile, report = found
+    return Result(
+        config=config,
+        ratio=ratio,
+        diagnosis=diagnosis,
+        train_loss=np.asarray(run.loss[:, -50:].mean(axis=1)),
+        metric=np.asarray(metric),
+        clipped=np.asarray(sum(clipped)) if clipped else None,
+        skipped=None if skipped is None else np.asarray(skipped),
+        seconds=time.perf_counter() - start,
+        loss=np.asarray(run.loss.mean(axis=0)),
+        profile=profile,
+        report=report,
+    )

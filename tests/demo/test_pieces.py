@@ -1,0 +1,160 @@
+"""The demo's data, models and training loop."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+import jstab
+from jstab.demo import data, experiments, models, train
+
+pytest.importorskip("sklearn")
+
+
+def test_adding_problem_marks_one_step_in_each_half_and_sums_them():
+    x, y = data.adding_problem(jax.random.key(0), 500, 50)
+    assert x.shape == (500, 50, 2) and y.shape == (500,)
+    marks = np.asarray(x[..., 1])
+    assert set(np.unique(marks)) == {0.0, 1.0}
+    assert np.all(marks[:, :25].sum(1) == 1) and np.all(marks[:, 25:].sum(1) == 1)
+    np.testing.assert_allclose(y, np.sum(x[..., 0] * marks, axis=1), rtol=1e-6)
+
+
+def test_adding_problem_baseline_mse_of_predicting_one_is_one_sixth():
+    n = 20_000
+    _, y = data.adding_problem(jax.random.key(1), n, 50)
+    # (u + v - 1)^2 with u, v ~ U(0, 1): mean 1/6, variance 1/15 - 1/36.
+    se = math.sqrt((1 / 15 - 1 / 36) / n)
+    mse = float(jnp.mean((y - 1.0) ** 2))
+    assert abs(mse - data.ADDING_BASELINE) < 5 * se
+
+
+def test_digits_split_is_stratified_standardized_and_deterministic():
+    split = data.digits(seed=3)
+    assert split.x_train.shape == (1347, 64) and split.x_test.shape == (450, 64)
+    assert split.x_train.dtype == np.float32 and split.y_train.dtype == np.int32
+    assert set(split.y_test) == set(range(10))
+    np.testing.assert_allclose(split.x_train.mean(0), 0.0, atol=1e-5)
+    std = split.x_train.std(0)
+    assert np.all((np.abs(std - 1) < 1e-4) | (std == 0))
+    again = data.digits(seed=3)
+    np.testing.assert_array_equal(split.x_test, again.x_test)
+    assert not np.array_equal(split.x_test, data.digits(seed=4).x_test)
+
+
+@pytest.mark.parametrize(
+    ("residual", "batch_norm"), [(False, False), (True, False), (False, True)]
+)
+def test_mlp_has_depth_dense_layers_seen_by_signal_propagation(residual, batch_norm):
+    model = models.MLP(depth=6, width=16, residual=residual, batch_norm=batch_norm)
+    x = jax.random.normal(jax.random.key(0), (32, 64))
+    variables = model.init(jax.random.key(1), x)
+    report = jstab.signal_propagation(model, variables, x, model_kwargs={"train": True})
+    assert len(report.layers) == 6
+    assert model.apply(variables, x).shape == (32, 10)
+
+
+def test_residual_branches_keep_the_output_scale_bounded_over_depth():
+    x = jax.random.normal(jax.random.key(0), (256, 64))
+
+    def output_std(residual: bool) -> float:
+        model = models.MLP(depth=40, width=128, residual=residual)
+        return float(jnp.std(model.apply(model.init(jax.random.key(1), x), x)))
+
+    # Unscaled, 38 blocks would multiply the variance by 2^38; scaled, by ≤ e.
+    assert output_std(True) < 3 * output_std(False)
+
+
+@pytest.mark.parametrize(
+    "cell",
+    [nn.SimpleCell(8), nn.LSTMCell(8), nn.GRUCell(8)],
+    ids=lambda c: type(c).__name__,
+)
+def test_recurrent_regressor_scanned_and_unrolled_are_the_same_function(cell):
+    x, _ = data.adding_problem(jax.random.key(0), 4, 7)
+    scanned = models.RecurrentRegressor(cell)
+    unrolled = models.RecurrentRegressor(cell, unroll=True)
+    variables = scanned.init(jax.random.key(1), x)
+    other = unrolled.init(jax.random.key(1), x)
+    assert jax.tree.structure(variables) == jax.tree.structure(other)
+    assert scanned.apply(variables, x).shape == (4,)
+    np.testing.assert_allclose(
+        scanned.apply(variables, x), unrolled.apply(variables, x), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_signal_propagation_sees_the_cell_only_when_unrolled():
+    x, _ = data.adding_problem(jax.random.key(0), 16, 10)
+    cell = nn.SimpleCell(8)
+    variables = models.RecurrentRegressor(cell).init(jax.random.key(1), x)
+    unrolled = models.RecurrentRegressor(cell, unroll=True)
+    report = jstab.signal_propagation(unrolled, variables, x, nonlinearity="tanh")
+    assert report.layers == ("cell/i", "cell/h", "head")
+    with pytest.warns(RuntimeWarning, match="cell/i, cell/h"):
+        jstab.signal_propagation(models.RecurrentRegressor(cell), variables, x)
+
+
+def _linear_regression():
+    w_true = jnp.array([1.0, -2.0, 0.5])
+
+    def sample(key):
+        x = jax.random.normal(key, (32, 3))
+        return x, x @ w_true
+
+    def loss_fn(params, state, batch):
+        return jnp.mean((batch[0] @ params["w"] - batch[1]) ** 2), state
+
+    return sample, loss_fn
+
+
+def test_fit_trains_each_seed_and_is_deterministic():
+    sample, loss_fn = _linear_regression()
+    params = {"w": jnp.tile(jnp.arange(3.0)[:, None], (1, 3))}  # 3 seeds
+    keys = jax.random.split(jax.random.key(0), 3)
+    seen = []
+    tx = optax.chain(jstab.clip_by_global_norm(1.0), optax.sgd(0.1))
+    run = train.fit(
+        loss_fn, tx, params, {}, sample, keys, steps=50, chunk=20, progress=seen.append
+    )
+    assert seen == [20, 40, 50]
+    assert run.loss.shape == run.grad_norm.shape == (3, 50)
+    assert np.all(run.loss[:, -1] < 1e-2 * run.loss[:, 0])
+    assert jstab.statistics(run.opt_state)["clip/clip_count"].shape == (3,)
+    again = train.fit(loss_fn, tx, params, {}, sample, keys, steps=50, chunk=20)
+    np.testing.assert_array_equal(run.loss, again.loss)
+    np.testing.assert_array_equal(run.params["w"], again.params["w"])
+
+
+def test_time_gradients_vanish_for_a_small_recurrent_init():
+    x, y = data.adding_problem(jax.random.key(0), 64, 30)
+    small = nn.SimpleCell(16, recurrent_kernel_init=jstab.small_normal(0.01))
+    model = models.RecurrentRegressor(small)
+    profile = experiments.time_gradients(
+        model, model.init(jax.random.key(1), x)["params"], x, y
+    )
+    assert profile.shape == (30,)
+    assert profile[0] < 1e-6 * profile[-1]
+
+
+_TINY = dataclasses.replace(experiments.QUICK, seeds=2, steps=20, depth=4, length=8)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["ReLU + He + batch norm", "ReLU + LSUV", "tanh RNN, N(0, 4/n) + global-norm clip"],
+)
+def test_measure_is_deterministic_given_the_seed(name):
+    config = next(c for c in experiments.CONFIGS if c.name == name)
+    first = experiments.measure(config, _TINY, seed=5)
+    second = experiments.measure(config, _TINY, seed=5)
+    assert first.metric.shape == (2,)
+    np.testing.assert_array_equal(first.loss, second.loss)
+    np.testing.assert_array_equal(first.metric, second.metric)
+    assert first.ratio == second.ratio and first.diagnosis == second.diagnosis
+    other = experiments.measure(config, _TINY, seed=6)
+    assert not np.array_equal(first.loss, other.loss)
