@@ -24,6 +24,7 @@ _HEAD = (
     "configuration",
     "grad ratio first/last",
     "diagnosis",
+    "peak grad norm",
     "train loss",
     "test",
     "clipped",
@@ -48,11 +49,13 @@ def _count(values: np.ndarray | None, steps: int) -> str:
 
 
 def row(result: Result, steps: int) -> tuple[str, ...]:
-    """The table's cells for ``result``: means over the seeds."""
+    """The table's cells for ``result``: means over the seeds (the peak
+    gradient norm: their median)."""
     return (
         result.config.name,
         _number(result.ratio),
         result.diagnosis,
+        _number(float(np.median(result.peak))),
         _number(float(np.mean(result.train_loss))),
         _spread(result.metric),
         _count(result.clipped, steps),
@@ -97,6 +100,7 @@ def record(results: Sequence[Result], budget: Budget, **about: Any) -> dict:
                 "task": r.config.task,
                 "ratio": r.ratio,
                 "diagnosis": r.diagnosis,
+                "peak": listed(r.peak),
                 "train_loss": listed(r.train_loss),
                 "metric": listed(r.metric),
                 "clipped": listed(r.clipped),
@@ -106,6 +110,10 @@ def record(results: Sequence[Result], budget: Budget, **about: Any) -> dict:
             for r in results
         ],
     }
+
+
+def _plain(result: Result) -> bool:
+    return result.config.clip is None and result.config.wrap is None
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -130,18 +138,19 @@ def plots(results: Sequence[Result], out: Path) -> list[Path]:
     from jstab import plots as jplots
 
     written = []
-    # The clipped rows share their initialization with an unclipped one.
-    unclipped = [r for r in results if r.config.clip is None]
+    # The rows with a clip or a wrapper share their initialization with a
+    # plain one.
+    unclipped = [r for r in results if _plain(r)]
     reports = {r.config.name: r.report for r in unclipped if r.report is not None}
     if reports:
-        fig = jplots.plot_grad_norms(reports, title="Gradient norm at initialization")
-        fig.set_size_inches(8, 5)
+        fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+        jplots.plot_grad_norms(reports, ax=ax, title="Gradient norm at initialization")
         written.append(_save(fig, out / "grad_norm_at_init.png", plt))
 
-    recurrent = [r for r in results if r.config.task == "adding"]
-    if recurrent:
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for r in [r for r in unclipped if r.config.task == "adding"]:
+    profiles = [r for r in unclipped if r.config.task == "adding"]
+    if profiles:
+        fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+        for r in profiles:
             ax.semilogy(
                 np.arange(1, r.profile.size + 1), r.profile, label=r.config.name
             )
@@ -152,20 +161,21 @@ def plots(results: Sequence[Result], out: Path) -> list[Path]:
         ax.grid(True, alpha=0.3)
         written.append(_save(fig, out / "grad_over_time_at_init.png", plt))
 
+    recurrent = [r for r in results if r.config.task == "adding"]
     groups = {
         "digits: initializations and architectures": [
-            r for r in results if r.config.task == "digits" and r.config.clip is None
+            r for r in results if r.config.task == "digits" and _plain(r)
         ],
         "digits: the exploding MLP, clipped": [
-            r
-            for r in results
-            if r.config.task == "digits" and r.config.clip is not None
+            r for r in results if r.config.task == "digits" and not _plain(r)
         ],
         "adding problem": recurrent,
     }
     groups = {title: rs for title, rs in groups.items() if rs}
     if groups:
-        fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 5))
+        fig, axes = plt.subplots(
+            1, len(groups), figsize=(6.5 * len(groups), 5), layout="constrained"
+        )
         for ax, (title, rs) in zip(np.atleast_1d(axes), groups.items(), strict=True):
             window = max(1, rs[0].loss.size // 40)
             curves = {r.config.name: _smooth(r.loss, window) for r in rs}
@@ -177,7 +187,6 @@ def plots(results: Sequence[Result], out: Path) -> list[Path]:
 
 
 def _save(fig, path: Path, plt) -> Path:
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -1,0 +1,94 @@
+"""``jstab demo --quick``, end to end, as a user runs it."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from jstab import demo
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """The output folder and stdout of one ``jstab demo --quick`` run."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "jstab", "demo", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Warning" not in result.stderr, result.stderr[-3000:]
+    return out, result.stdout
+
+
+def _rows(out) -> dict[str, dict]:
+    record = json.loads((out / "results.json").read_text())
+    return {row["name"]: row for row in record["results"]}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def test_quick_run_measures_every_quick_configuration(quick_run):
+    out, stdout = quick_run
+    rows = _rows(out)
+    assert list(rows) == [c.name for c in demo.CONFIGS if c.quick]
+    record = json.loads((out / "results.json").read_text())
+    assert record["budget"] == vars(demo.QUICK)
+    for row in rows.values():
+        assert len(row["metric"]) == demo.QUICK.seeds
+        assert row["seconds"] > 0
+
+
+def test_quick_run_prints_and_writes_the_table_and_the_plots(quick_run):
+    out, stdout = quick_run
+    table = (out / "table.md").read_text()
+    assert table.strip() in stdout
+    for name in _rows(out):
+        assert f"| {name} " in table
+    for png in ("grad_norm_at_init.png", "training_curves.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_vanishing_configuration_is_diagnosed_as_vanishing(quick_run):
+    rows = _rows(quick_run[0])
+    vanishing = rows["sigmoid + small N(0, 0.01²)"]
+    assert vanishing["diagnosis"] == "vanishing"
+    assert vanishing["ratio"] < 1e-3
+    assert rows["ReLU + He"]["diagnosis"] == "ok"
+
+
+def test_clipped_configurations_end_finite_and_record_their_clips(quick_run):
+    clipped = [
+        row for row in _rows(quick_run[0]).values() if row["clipped"] is not None
+    ]
+    assert len(clipped) >= 2
+    for row in clipped:
+        assert all(math.isfinite(v) for v in row["train_loss"] + row["metric"]), row
+        assert all(0 < v <= demo.QUICK.steps for v in row["clipped"]), row
+
+
+@pytest.mark.parametrize(
+    "remedy", ["ReLU + He", "ReLU + He + residual", "ReLU + He + batch norm"]
+)
+def test_remedies_beat_the_sigmoid_small_init_baseline_in_accuracy(quick_run, remedy):
+    rows = _rows(quick_run[0])
+    baseline = _mean(rows["sigmoid + small N(0, 0.01²)"]["metric"])
+    assert _mean(rows[remedy]["metric"]) > baseline + 0.2
+
+
+@pytest.mark.parametrize("argument", ["--steps=0", "--seeds=-1", "--steps=x"])
+def test_demo_rejects_a_bad_budget_naming_it(argument):
+    result = subprocess.run(
+        [sys.executable, "-m", "jstab", "demo", argument],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert argument.split("=")[0] in result.stderr
