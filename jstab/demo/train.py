@@ -69,7 +69,8 @@ def fit(
       sample: ``sample(key) -> batch``, one minibatch.
       key: the key of the minibatches: one key per seed, shape ``(seeds,)``.
       steps: the number of optimizer steps.
-      chunk: the steps of one compiled scan; ``steps`` need not be a multiple.
+      chunk: the steps of one compiled scan; ``steps`` need not be a
+        multiple (a shorter last chunk compiles once more).
       progress: called with the number of steps done after every chunk.
 
     Returns:
