@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import sys
 from collections.abc import Sequence
@@ -75,8 +76,6 @@ def _demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    import dataclasses
-
     from jstab import demo
 
     budget = demo.QUICK if args.quick else demo.DEFAULT

@@ -263,6 +263,18 @@ def _diagnosis(ratio: float) -> str:
     return "vanishing" if ratio < VANISHING_RATIO else "ok"
 
 
+def _ratio(norms: np.ndarray) -> float:
+    """The first norm over the last one: inf or NaN when the last is 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(norms[0] / norms[-1])
+
+
+def _init(model: nn.Module, keys: jax.Array, x: jax.Array) -> list[Any]:
+    """One model's variables per key, with one compilation of ``init``."""
+    init = jax.jit(model.init)
+    return [init(k, x) for k in keys]
+
+
 def _stack(trees: list[Any]) -> Any:
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
@@ -271,8 +283,7 @@ def _classifier(config: Config, model: nn.Module, budget: Budget, split, keys):
     """Initial variables, report and task functions of a digits configuration."""
     x, y = jnp.asarray(split.x_train), jnp.asarray(split.y_train)
     probe = x[:256]
-    init = jax.jit(model.init)
-    variables = [init(k, x[:2]) for k in keys]
+    variables = _init(model, keys, x[:2])
     if config.lsuv:
         variables = [
             jstab.lsuv(model, v, probe, key=k)
@@ -301,20 +312,17 @@ def _classifier(config: Config, model: nn.Module, budget: Budget, split, keys):
         logits = model.apply({"params": params, **state}, jnp.asarray(split.x_test))
         return jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(split.y_test))
 
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = float(report.grad_norm[0] / report.grad_norm[-1])
-    found = (ratio, report.verdict, np.asarray(report.grad_norm), report)
+    profile = np.asarray(report.grad_norm)
+    found = (_ratio(profile), report.verdict, profile, report)
     return variables, found, sample, loss_fn, evaluate
 
 
 def _regressor(config: Config, model: nn.Module, budget: Budget, key, keys):
     """Initial variables, time profile and task functions of an adding one."""
     x_test, y_test = data.adding_problem(key, 1000, budget.length)
-    init = jax.jit(model.init)
-    variables = [init(k, x_test[:2]) for k in keys]
+    variables = _init(model, keys, x_test[:2])
     profile = time_gradients(model, variables[0]["params"], x_test[:256], y_test[:256])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = float(profile[0] / profile[-1])
+    ratio = _ratio(profile)
     found = (ratio, _diagnosis(ratio), profile, None)
 
     def sample(key):
