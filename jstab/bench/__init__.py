@@ -95,11 +95,15 @@ def _time(
     base_passes = _variants.passes(base_tx, params)
     if progress:
         progress(f"{name}: {base_name}")
+    jax.clear_caches()
     base = timing.Compiled(*build(base_tx), donate=(0, 1))
     rows, rules = [], ["(baseline)"]
     for variant_name, variant in chosen.items():
         if progress:
             progress(f"{name}: {variant_name}")
+        # Each variant compiles from scratch (a fair compile time), and the
+        # executables of the variants before it are not kept alive.
+        jax.clear_caches()
         run = timing.Compiled(*build(variant.build(base_tx)), donate=(0, 1))
         ratios = timing.paired(base, run, repeats, warmup)
         floor = _variants.traffic_floor(base_passes, variant.reads)
