@@ -334,7 +334,21 @@ def unit_norms(
     an infinite norm and one with all elements below ~1e-19 a norm of 0.
     """
     dtype = accumulation_dtype(leaves)
+    # A leaf that is one unit (a bias, a scale) is reduced with the other
+    # small ones: 2000 of them compile as 32 reductions, not 2000.
+    whole = [
+        i
+        for i, (x, a) in enumerate(zip(leaves, axes, strict=True))
+        if set(a) == set(range(x.ndim)) and _batchable(x)
+    ]
+    sums = group_reduce(leaves, [[i] for i in whole], dtype, "sumsq")
+    out = {
+        i: jnp.sqrt(t).reshape((1,) * leaves[i].ndim)
+        for i, t in zip(whole, sums, strict=True)
+    }
     return [
-        jnp.sqrt(jnp.sum(_elements(x, dtype, "sumsq"), axis=a, keepdims=True))
-        for x, a in zip(leaves, axes, strict=True)
+        out[i]
+        if i in out
+        else jnp.sqrt(jnp.sum(_elements(x, dtype, "sumsq"), axis=a, keepdims=True))
+        for i, (x, a) in enumerate(zip(leaves, axes, strict=True))
     ]

@@ -140,10 +140,13 @@ def _bench(args: argparse.Namespace) -> int:
             tables = len(trees) + (not args.no_training_step)
             bar = tqdm(total=per_table * tables, unit="variant", file=sys.stderr)
 
-    def progress(label: str) -> None:
+    started = []
+
+    def progress(label: str) -> None:  # a variant starts: the last one is done
         if bar is not None:
+            bar.update(len(started) > 0)
             bar.set_description(label)
-            bar.update()
+            started.append(label)
 
     tables = bench.run(
         trees,
@@ -156,6 +159,7 @@ def _bench(args: argparse.Namespace) -> int:
         progress=progress,
     )
     if bar is not None:
+        bar.update(1)
         bar.close()
     machine = bench.machine()
     print(
