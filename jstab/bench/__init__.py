@@ -300,36 +300,21 @@ def run(
     _variants.optimizer(optimizer)  # raises on an unknown name, before any work
     if repeats is None:
         repeats = QUICK_REPEATS if quick else REPEATS
-    warmup = 1 if quick else 2
+    common = {
+        "optimizer": optimizer,
+        "variants": variants,
+        "repeats": repeats,
+        "warmup": 1 if quick else 2,
+        "fusions": fusions,
+        "progress": progress,
+    }
     tables = []
     for name in trees:
         full, small = _trees.TREES[name]
         params, grads = _trees.make(small() if quick else full())
-        tables.append(
-            optimizer_step(
-                params,
-                grads,
-                optimizer=optimizer,
-                variants=variants,
-                repeats=repeats,
-                warmup=warmup,
-                fusions=fusions,
-                name=name,
-                progress=progress,
-            )  # fmt: skip
-        )
+        tables.append(optimizer_step(params, grads, name=name, **common))
         del params, grads
     if training:
         size = {"depth": 4, "width": 64, "batch": 32} if quick else {}
-        tables.append(
-            training_step(
-                **size,
-                optimizer=optimizer,
-                variants=variants,
-                repeats=repeats,
-                warmup=warmup,
-                fusions=fusions,
-                progress=progress,
-            )  # fmt: skip
-        )
+        tables.append(training_step(**size, **common))
     return tables
