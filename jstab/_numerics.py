@@ -144,9 +144,10 @@ def select_ord(ord: object, l2: chex.Array, linf: chex.Array) -> chex.Array:
 #: Leaves of at most this many elements are reduced in batches: those of equal
 #: size are stacked into one ``(k, size)`` array and reduced along its rows.
 #: A separate reduction per leaf costs a kernel and its compilation per leaf
-#: (2000 leaves of 256 take 36 s to compile on CPU, 58 s with the rescue
-#: pass); stacked, they take one. Stacking copies the leaves, which is cheap
-#: only while they are small: bigger leaves are reduced where they are.
+#: (2000 leaves of 256: 58 s to compile a global norm on CPU, with its rescue
+#: pass); stacked 64 to a reduction (:data:`STACK`), 2.3 s. Stacking copies
+#: the leaves, which is cheap only while they are small: bigger leaves are
+#: reduced where they are.
 SMALL_LEAF = 1 << 14
 
 #: Leaves stacked per reduction: XLA's CPU compiler takes time quadratic in the

@@ -23,7 +23,6 @@ from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jstab.bench import timing
@@ -168,7 +167,7 @@ def optimizer_step(
       A :class:`Table`: the baseline's row, then one per variant.
     """
     if grads is None:
-        grads = _noise_like(params)
+        grads = _trees.gradient_like(params)
 
     def build(tx):
         def step(params, state, grads):
@@ -181,20 +180,6 @@ def optimizer_step(
         name, "optimizer", optimizer, params, variants, build, repeats, warmup,
         fusions, progress,
     )  # fmt: skip
-
-
-def _noise_like(params: optax.Params) -> optax.Updates:
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), max(len(leaves), 1))
-    noise = [
-        jax.random.normal(k, x.shape, x.dtype)
-        for k, x in zip(keys, leaves, strict=True)
-    ]
-    norm = np.sqrt(
-        sum(float(jnp.sum(jnp.square(n.astype(jnp.float32)))) for n in noise)
-    )
-    scale = _trees.GRAD_NORM / max(norm, 1e-30)
-    return jax.tree.unflatten(treedef, [(n * scale).astype(n.dtype) for n in noise])
 
 
 def training_step(
@@ -297,7 +282,8 @@ def run(
         raise ValueError(
             f"unknown trees {unknown}; expected some of {sorted(_trees.TREES)}."
         )
-    _variants.optimizer(optimizer)  # raises on an unknown name, before any work
+    _variants.optimizer(optimizer)  # unknown names raise here, before any work
+    _choose(variants)
     if repeats is None:
         repeats = QUICK_REPEATS if quick else REPEATS
     common = {

@@ -103,21 +103,37 @@ TREES: dict[str, tuple[Callable[[], Shapes], Callable[[], Shapes]]] = {
 }
 
 
+def gradient_like(
+    params: chex.ArrayTree, seed: int = 1, grad_norm: float = GRAD_NORM
+) -> chex.ArrayTree:
+    """Normal noise shaped like ``params`` (leaf dtypes kept), of norm ``grad_norm``."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noise = [
+        jax.random.normal(k, x.shape, jnp.float32)
+        for k, x in zip(keys, leaves, strict=True)
+    ]
+    norm = np.sqrt(sum(float(jnp.sum(n * n)) for n in noise))
+    scale = np.float32(grad_norm / max(norm, 1e-30))
+    out = [(n * scale).astype(x.dtype) for n, x in zip(noise, leaves, strict=True)]
+    return jax.tree.unflatten(treedef, out)
+
+
 def make(
     shapes: Shapes, seed: int = 0, grad_norm: float = GRAD_NORM
-) -> tuple[dict[str, chex.Array], dict[str, chex.Array]]:
+) -> tuple[dict, dict]:
     """Float32 parameters (normal times 0.02) and a gradient of norm ``grad_norm``.
 
     Names with ``/`` become nested dicts, as Flax lays parameters out.
     """
-    keys = jax.random.split(jax.random.key(seed), 2 * max(len(shapes), 1))
-    params, grads = {}, {}
-    for i, (name, shape) in enumerate(shapes.items()):
-        params[name] = 0.02 * jax.random.normal(keys[2 * i], shape, jnp.float32)
-        grads[name] = jax.random.normal(keys[2 * i + 1], shape, jnp.float32)
-    norm = np.sqrt(sum(float(jnp.sum(g * g)) for g in grads.values()))
-    grads = {k: g * np.float32(grad_norm / norm) for k, g in grads.items()}
-    return _nest(params), _nest(grads)
+    keys = jax.random.split(jax.random.key(seed), len(shapes))
+    params = _nest(
+        {
+            name: 0.02 * jax.random.normal(key, shape, jnp.float32)
+            for key, (name, shape) in zip(keys, shapes.items(), strict=True)
+        }
+    )
+    return params, gradient_like(params, seed + 1, grad_norm)
 
 
 def _nest(flat: dict[str, chex.Array]) -> dict:
