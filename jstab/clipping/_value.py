@@ -56,48 +56,45 @@ def _bound(value, count, dtype):
 def _clip_elements(updates, state: ClipState, lower, upper, symmetric: bool):
     """Clips every element to [lower, upper] and records what it did.
 
-    The statistics cost one reduction (two for an asymmetric range): the
-    largest |g|, or the largest and smallest g, per leaf, which also say
-    whether anything was clipped. The exact count of clipped elements is
-    taken only then, under a ``lax.cond``: on XLA's CPU backend a reduction
-    that compares against a scalar materialises the broadcast scalar and
-    would double the cost of every step.
+    The statistics cost one read of the gradient: the largest ``|g|``, which
+    is ``norm`` and says whether anything can lie outside the bounds; only
+    then, under a ``lax.cond``, a second read counts what does. Leaves are
+    grouped by dtype, each group with its own rounding of the bounds, and
+    small leaves are reduced stacked (:func:`_numerics.group_reduce`).
     """
     leaves, treedef = jax.tree.flatten(updates)
-    bounds = [
-        (_inward(lower, x.dtype, math.inf), _inward(upper, x.dtype, -math.inf))
-        for x in leaves
-    ]
-    out = [jnp.clip(x, lo, hi) for x, (lo, hi) in zip(leaves, bounds, strict=True)]
+    groups: dict[jnp.dtype, list[int]] = {}
+    for i, x in enumerate(leaves):
+        if x.size:
+            groups.setdefault(x.dtype, []).append(i)
+    bounds = {
+        dtype: (_inward(lower, dtype, math.inf), _inward(upper, dtype, -math.inf))
+        for dtype in {x.dtype for x in leaves}
+    }
+    out = [jnp.clip(x, *bounds[x.dtype]) for x in leaves]
     dtype = _numerics.accumulation_dtype(leaves)
-    norm, acted = jnp.zeros((), dtype), jnp.zeros((), bool)
-    for x, (lo, hi) in zip(leaves, bounds, strict=True):
-        if x.size == 0:
-            continue
-        if symmetric:
-            top = jnp.max(jnp.abs(x))
-            acted |= top > hi
-        else:
-            top, bottom = jnp.max(x), jnp.min(x)
-            acted |= (top > hi) | (bottom < lo)
-            top = jnp.maximum(top, -bottom)
-        norm = jnp.maximum(norm, top.astype(dtype))
+    wide = [tuple(b.astype(dtype) for b in bounds[d]) for d in groups]
+    index = list(groups.values())
+    top = _numerics.group_reduce(leaves, index, dtype, "maxabs")
+    norm = jnp.max(jnp.stack(top)) if top else jnp.zeros((), dtype)
+    # Every element lies in [-top, top]: inside [lo, hi] if that interval is.
+    maybe = [(t > hi) | (-t < lo) for t, (lo, hi) in zip(top, wide, strict=True)]
 
     def count(_):
-        # sign(max(x - hi, 0)) is 1 exactly where x > hi (both in x's dtype;
-        # the difference is at least an ulp of hi, so normal unless |hi| is
-        # below ~1e-31 in float32) and sums faster than a compare on CPU.
-        n = []
-        for x, (lo, hi) in zip(leaves, bounds, strict=True):
-            if symmetric:
-                over = jnp.sign(jnp.maximum(jnp.abs(x) - hi, 0))
-            else:
-                over = jnp.sign(jnp.maximum(x - hi, 0) + jnp.maximum(lo - x, 0))
-            n.append(jnp.sum(over, dtype=dtype))
-        return sum(n, jnp.zeros((), dtype))
+        if symmetric:  # lower == -upper: the cheaper count of |g| > upper
+            n = _numerics.group_reduce(
+                leaves, index, dtype, "above", [hi for _, hi in wide]
+            )
+        else:
+            n = _numerics.group_reduce(leaves, index, dtype, "outside", wide)
+        return sum(n[1:], n[0])
 
+    n_clipped = jnp.zeros((), dtype)
+    if maybe:
+        n_clipped = jax.lax.cond(
+            jnp.any(jnp.stack(maybe)), count, lambda _: n_clipped, None
+        )
     size = max(sum(x.size for x in leaves), 1)
-    n_clipped = jax.lax.cond(acted, count, lambda _: jnp.zeros((), dtype), None)
     fraction = n_clipped.astype(jnp.float32) / size
     return jax.tree.unflatten(treedef, out), _state.advance(state, norm, fraction)
 

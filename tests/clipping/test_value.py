@@ -118,3 +118,43 @@ class ClipByRangeTest(chex.TestCase):
     def test_nonfinite_bound(self):
         with pytest.raises(ValueError, match="upper"):
             jstab.clip_by_range(0.0, float("inf"))
+
+
+class CountTest(parameterized.TestCase):
+    """The clipped fraction is exact whichever way leaves are reduced.
+
+    Small leaves of one size are reduced stacked, big ones alone (several of
+    one shape, each with its own copy of the bounds), and every dtype with
+    its own rounding of the bounds.
+    """
+
+    @parameterized.parameters(
+        (lambda lo, hi: jstab.clip_by_value(hi), (-0.7, 0.7)),
+        (jstab.clip_by_range, (-0.4, 0.9)),
+    )
+    def test_count_over_mixed_leaves(self, rule, bounds):
+        def outside(x, lo, hi):
+            return (x < lo) | (x > hi)
+
+        rng = np.random.default_rng(5)
+        shapes = [(300, 70), (300, 70), (7,), (7,), (9, 3), (1,)]
+        g = {
+            f"{i}{d}": jnp.asarray(rng.normal(0, 1, s), d)
+            for i, s in enumerate(shapes)
+            for d in ("float32", "bfloat16")
+        }
+        tx = rule(*bounds)
+        out, state = jax.jit(tx.update)(g, tx.init(g))
+        n = size = 0
+        top = 0.0
+        for name, x in g.items():
+            x = np.asarray(x.astype(jnp.float32))
+            got = np.asarray(out[name].astype(jnp.float32))
+            kept = ~outside(got, *bounds)
+            # Bounds are rounded inward: every output lies within them.
+            self.assertTrue(kept.all())
+            n += outside(x, *bounds).sum()
+            size += x.size
+            top = max(top, np.abs(x).max())
+        self.assertEqual(float(state.clipped), np.float32(n / size))
+        self.assertEqual(float(state.norm), top)
