@@ -161,25 +161,29 @@ def _elements(x: chex.Array, dtype: jnp.dtype, kind: str, r=None) -> chex.Array:
 
     ``"maxabs"``: ``|x|``; ``"sumsq"``: ``(x * r)**2``; ``"above"``: 1 where
     ``|x| > r``, else 0; ``"outside"``, with ``r = (lo, hi)``: 1 where
-    ``x < lo`` or ``x > hi``, else 0. A difference of two floats is positive
-    exactly when the first is larger (gradual underflow; with denormals
-    flushed, unless the bound is below ~1e-31 in float32), and ``sign`` of a
-    non-negative value vectorizes on CPU where a comparison converted to a
-    number does not (10x slower in YNNPACK).
+    ``x < lo`` or ``x > hi``, else 0; ``"nonfinite"``: 1 where ``x`` is NaN
+    or infinite, else 0 (``dtype`` may be an integer type).
+
+    A difference of two floats is positive exactly when the first is larger
+    (gradual underflow; with denormals flushed, unless the bound is below
+    ~1e-31 in float32), and ``sign`` of a non-negative value vectorizes on
+    CPU where a comparison converted to a number does not (10x slower in
+    YNNPACK).
     """
+    if kind == "nonfinite":
+        return (~jnp.isfinite(x)).astype(dtype)
     x = x.astype(dtype)
     if kind == "maxabs":
         return jnp.abs(x)
     if kind in ("above", "outside"):
         lo, hi = (None, r) if kind == "above" else r
         zero = jnp.zeros((), dtype)
-        if jnp.ndim(hi) == 0:
-            # A whole leaf. XLA would share one broadcast of each bound among
-            # all leaves of a shape, and its CPU backend then writes that
-            # broadcast out and reads it in every count: three reads instead
-            # of one (clip_by_value at 2.0x an Adam step instead of 1.5x).
-            # The barrier makes the bounds this leaf's own.
-            x, lo, hi, zero = lax.optimization_barrier((x, lo, hi, zero))
+        # XLA would share one broadcast of each bound among all the arrays of
+        # a shape, and its CPU backend then writes that broadcast out and
+        # reads it in every count: three reads instead of one (clip_by_value
+        # at 2.0x an Adam step instead of 1.5x). The barrier makes the
+        # bounds this array's own.
+        x, lo, hi, zero = lax.optimization_barrier((x, lo, hi, zero))
         # The abs form is cheaper than the general one (1.5x against 1.7x).
         excess = jnp.abs(x) - hi if lo is None else jnp.maximum(x - hi, lo - x)
         return jnp.sign(jnp.maximum(excess, zero))
@@ -192,15 +196,22 @@ def _reduce(x: chex.Array, kind: str, axis=None) -> chex.Array:
     return jnp.sum(x, axis=axis)
 
 
-def _reduce_rows(leaves, pairs, size, dtype, kind, r) -> chex.Array:
-    """The reductions of ``leaves[i]`` for ``(k, i)`` in ``pairs``, stacked: (n,)."""
-    rows = lax.concatenate(
-        [leaves[i].reshape(1, size).astype(dtype) for _, i in pairs], 0
-    )
-    rk = None
-    if r is not None:  # one column per parameter of a group, a value per row
-        rk = jax.tree.map(lambda *v: jnp.stack(v)[:, None], *[r[k] for k, _ in pairs])
-    return _reduce(_elements(rows, dtype, kind, rk), kind, axis=1)
+def _reduce_stacked(leaves, index, size, dtype, kind, r) -> chex.Array:
+    """The reduction of ``leaves[i]`` for ``i`` in ``index``, all of one size.
+
+    They are stacked :data:`STACK` at a time into ``(k, size)`` arrays, each
+    reduced along its rows, and the rows' results reduced.
+    """
+    wide = dtype
+    if kind == "nonfinite":  # a lossless common dtype, not the count's
+        wide = accumulation_dtype([leaves[i] for i in index])
+    per_row = []
+    for j in range(0, len(index), STACK):
+        rows = lax.concatenate(
+            [leaves[i].reshape(1, size).astype(wide) for i in index[j : j + STACK]], 0
+        )
+        per_row.append(_reduce(_elements(rows, dtype, kind, r), kind, axis=1))
+    return _reduce(jnp.concatenate(per_row), kind)
 
 
 def _batchable(x: chex.Array) -> bool:
@@ -220,51 +231,61 @@ def group_reduce(
     groups: Sequence[Sequence[int]],
     dtype: jnp.dtype,
     kind: str = "sumsq",
-    r: Sequence[chex.Array] | None = None,
+    r: Sequence | None = None,
 ) -> list[chex.Array]:
     """Per group of leaves, a sum of squares, a max ``|x|`` or a count.
 
     ``groups[k]`` lists the indices of the leaves of group ``k``. ``kind`` is
     one of :func:`_elements`' kinds: ``"sumsq"`` (``r[k]``, if given,
     multiplies group ``k``'s elements before squaring), ``"maxabs"``,
-    ``"above"`` (the number of elements with ``|x| > r[k]``) or ``"outside"``
-    (``r[k] = (lo, hi)``: the number outside ``[lo, hi]``); bounds are of
-    ``dtype``. Each result is a
-    scalar of ``dtype`` (0 for a group without elements). Small leaves of equal
-    size are reduced together (see :data:`SMALL_LEAF`), so the number of
-    reductions grows with the number of distinct small sizes, not of leaves.
+    ``"above"`` (the number of elements with ``|x| > r[k]``), ``"outside"``
+    (``r[k] = (lo, hi)``: the number outside ``[lo, hi]``) or
+    ``"nonfinite"`` (the number of NaN and infinite elements, counted
+    exactly with an integer ``dtype``); bounds are of ``dtype``. Each result
+    is a scalar of ``dtype`` (0 for a group without elements).
+
+    Compile time, not run time, decides how leaves are reduced. XLA's CPU
+    backend compiles each distinct kernel (~8 ms) and reuses a kernel for
+    leaves of one shape. So a leaf is reduced alone, by a kernel shared with
+    the leaves of its shape, except where one group owns several small
+    leaves of one size: those are stacked (see :data:`SMALL_LEAF`), and the
+    group costs a few reductions however many leaves it has.
     """
     parts: list[list[chex.Array]] = [[] for _ in groups]
-    batches: dict[int, list[tuple[int, int]]] = {}  # size: (group, leaf) pairs
+    batches: dict[tuple[int, int], list[int]] = {}  # (group, size): leaves
     for k, group in enumerate(groups):
         for i in group:
-            x = leaves[i]
-            if _batchable(x):
-                batches.setdefault(x.size, []).append((k, i))
-            else:
-                rk = None if r is None else r[k]
-                parts[k].append(_reduce(_elements(x, dtype, kind, rk), kind))
-    for size, pairs in batches.items():
-        per_row = jnp.concatenate(
-            [
-                _reduce_rows(leaves, pairs[j : j + STACK], size, dtype, kind, r)
-                for j in range(0, len(pairs), STACK)
-            ]
-        )
-        rows_of: dict[int, list[int]] = {}
-        for row, (k, _) in enumerate(pairs):
-            rows_of.setdefault(k, []).append(row)
-        for k, at in rows_of.items():
-            if len(at) == len(pairs):
-                parts[k].append(_reduce(per_row, kind))
-            elif len(at) == 1:
-                parts[k].append(per_row[at[0]])
-            else:
-                parts[k].append(_reduce(per_row[np.asarray(at)], kind))
+            if _batchable(leaves[i]):
+                batches.setdefault((k, leaves[i].size), []).append(i)
+    for k, group in enumerate(groups):
+        rk = None if r is None else r[k]
+        for i in group:
+            index = batches.get((k, leaves[i].size), [])
+            if len(index) < 2 or not _batchable(leaves[i]):
+                parts[k].append(_reduce(_elements(leaves[i], dtype, kind, rk), kind))
+            elif i == index[0]:
+                size = leaves[i].size
+                parts[k].append(_reduce_stacked(leaves, index, size, dtype, kind, rk))
     zero = jnp.zeros((), dtype)
     if kind == "maxabs":
-        return [jnp.max(jnp.stack(p)) if p else zero for p in parts]
-    return [sum(p[1:], p[0]) if p else zero for p in parts]
+        return [jnp.max(stack(p)) if p else zero for p in parts]
+    return [jnp.sum(stack(p)) if p else zero for p in parts]
+
+
+def stack(scalars: Sequence[chex.Array]) -> chex.Array:
+    """``jnp.stack(scalars)``, built :data:`STACK` at a time.
+
+    XLA would fuse the stacking of 2000 scalars, and what computes them, into
+    one kernel of 2000 operands, which its CPU backend compiles in seconds.
+    Behind an optimization barrier, pieces of 64 are kernels alike, compiled
+    once.
+    """
+    parts = [jnp.stack(scalars[j : j + STACK]) for j in range(0, len(scalars), STACK)]
+    if not parts:
+        return jnp.zeros((0,), jnp.float32)
+    if len(parts) == 1:
+        return parts[0]
+    return jnp.concatenate(lax.optimization_barrier(parts))
 
 
 def _rescale(sumsq: chex.Array, dtype: jnp.dtype, zero: bool) -> chex.Array:
@@ -291,15 +312,12 @@ def _rescued(sums, dtype, zero=False):
     """
     s = sums(None)
     r = [_rescale(sk, dtype, zero) for sk in s]
-    need = jnp.any(jnp.stack([rk != 1 for rk in r]))
-
-    def fast(_):
-        return [jnp.sqrt(sk) for sk in s]
 
     def rescue(_):
         return [jnp.sqrt(tk) / rk for tk, rk in zip(sums(r), r, strict=True)]
 
-    return lax.cond(need, rescue, fast, None)
+    need = jnp.any(stack([rk != 1 for rk in r]))
+    return lax.cond(need, rescue, lambda _: [jnp.sqrt(sk) for sk in s], None)
 
 
 def group_norms(
@@ -363,21 +381,7 @@ def unit_norms(
     an infinite norm and one with all elements below ~1e-19 a norm of 0.
     """
     dtype = accumulation_dtype(leaves)
-    # A leaf that is one unit (a bias, a scale) is reduced with the other
-    # small ones: 2000 of them compile as 32 reductions, not 2000.
-    whole = [
-        i
-        for i, (x, a) in enumerate(zip(leaves, axes, strict=True))
-        if set(a) == set(range(x.ndim)) and _batchable(x)
-    ]
-    sums = group_reduce(leaves, [[i] for i in whole], dtype, "sumsq")
-    out = {
-        i: jnp.sqrt(t).reshape((1,) * leaves[i].ndim)
-        for i, t in zip(whole, sums, strict=True)
-    }
     return [
-        out[i]
-        if i in out
-        else jnp.sqrt(jnp.sum(_elements(x, dtype, "sumsq"), axis=a, keepdims=True))
-        for i, (x, a) in enumerate(zip(leaves, axes, strict=True))
+        jnp.sqrt(jnp.sum(_elements(x, dtype, "sumsq"), axis=a, keepdims=True))
+        for x, a in zip(leaves, axes, strict=True)
     ]

@@ -95,7 +95,7 @@ def clip_by_layer_norm(
             factor = _numerics.factor(norm, threshold)
             for i in group:
                 out[i] = _numerics.scale(leaves[i], factor)
-        over = sum(jnp.int32(n > threshold) for n in norms)
+        over = jnp.sum(_numerics.stack(norms) > threshold, dtype=jnp.int32)
         clipped = over.astype(jnp.float32) / len(groups) if groups else 0.0
         treedef = jax.tree.structure(updates)
         new_state = _state.advance(state, pack(norms), clipped)

@@ -37,23 +37,22 @@ class MonitorState(NamedTuple):
     exploding: chex.Array
 
 
-def _combine(norms: list[chex.Array]) -> chex.Array:
-    """``sqrt(sum(n**2))`` of nonnegative ``norms``, scaled by their maximum.
+def _combine(norms: chex.Array) -> chex.Array:
+    """``sqrt(sum(n**2))`` of a vector of nonnegative ``norms``, scaled by their max.
 
     Squaring norms above ~1e19 would overflow float32; dividing by the
     largest first cannot. A non-finite largest norm is the result itself.
     """
-    if not norms:
+    if not norms.size:
         return jnp.zeros((), jnp.float32)
-    stacked = jnp.stack(norms)
-    top = jnp.max(stacked)
+    top = jnp.max(norms)
     ok = jnp.isfinite(top) & (top > 0)
-    unit = stacked / jnp.where(ok, top, jnp.ones_like(top))
+    unit = norms / jnp.where(ok, top, jnp.ones_like(top))
     return jnp.where(ok, top * jnp.sqrt(jnp.sum(unit * unit)), top)
 
 
 def _count_nonfinite(
-    leaves: list[chex.Array], norms: list[chex.Array], axis_name: AxisName
+    leaves: list[chex.Array], norms: chex.Array, axis_name: AxisName
 ) -> chex.Array:
     """The number of NaN and infinite elements of ``leaves``, an int32 scalar.
 
@@ -67,23 +66,22 @@ def _count_nonfinite(
         return zero
 
     def count():
-        n = sum((jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in leaves), zero)
+        everything = [range(len(leaves))]
+        n = _numerics.group_reduce(leaves, everything, jnp.int32, "nonfinite")[0]
         return n if axis_name is None else jax.lax.psum(n, axis_name)
 
-    bad = jnp.any(~jnp.isfinite(jnp.stack(norms)))
-    return jax.lax.cond(bad, count, lambda: zero)
+    return jax.lax.cond(jnp.any(~jnp.isfinite(norms)), count, lambda: zero)
 
 
-def _vanishing(norms: list[chex.Array], ratio: float) -> chex.Array:
-    """Whether the smallest finite norm is below ``ratio`` times the largest."""
-    if len(norms) < 2:
+def _vanishing(norms: chex.Array, ratio: float) -> chex.Array:
+    """Whether the smallest finite of ``norms`` is below ``ratio`` times the largest."""
+    if norms.size < 2:
         return jnp.zeros((), jnp.bool_)
-    stacked = jnp.stack(norms)
-    finite = jnp.isfinite(stacked)
-    inf = jnp.asarray(jnp.inf, stacked.dtype)
-    low = jnp.min(jnp.where(finite, stacked, inf))
-    high = jnp.max(jnp.where(finite, stacked, jnp.zeros_like(inf)))
-    return low < jnp.asarray(ratio, stacked.dtype) * high
+    finite = jnp.isfinite(norms)
+    inf = jnp.asarray(jnp.inf, norms.dtype)
+    low = jnp.min(jnp.where(finite, norms, inf))
+    high = jnp.max(jnp.where(finite, norms, jnp.zeros_like(inf)))
+    return low < jnp.asarray(ratio, norms.dtype) * high
 
 
 def monitor_gradients(
@@ -151,15 +149,16 @@ def monitor_gradients(
         groups = [[i] for i in range(len(leaves))]
         norms = _numerics.group_norms(watched, groups, 2, axis_name, zero=True)
         kernels = [n for n, x in zip(norms, leaves, strict=True) if x.ndim >= 2]
-        nonfinite = _count_nonfinite(watched, norms, axis_name)
-        total = _combine(norms)
+        stacked = _numerics.stack(norms)
+        nonfinite = _count_nonfinite(watched, stacked, axis_name)
+        total = _combine(stacked)
         exploding = (total > exploding_norm) | (nonfinite > 0)
         to32 = [n.astype(jnp.float32) for n in norms]
         new_state = MonitorState(
             layer_norms=jax.tree.unflatten(treedef, to32),
             global_norm=total.astype(jnp.float32),
             nonfinite=nonfinite,
-            vanishing=_vanishing(kernels, vanishing_ratio),
+            vanishing=_vanishing(_numerics.stack(kernels), vanishing_ratio),
             exploding=exploding,
         )
         return updates, new_state
