@@ -141,13 +141,13 @@ def select_ord(ord: object, l2: chex.Array, linf: chex.Array) -> chex.Array:
 # --------------------------------------------------------------------- norms
 
 
-#: Leaves of at most this many elements are reduced in batches: those of equal
-#: size are stacked into one ``(k, size)`` array and reduced along its rows.
-#: A separate reduction per leaf costs a kernel and its compilation per leaf
-#: (2000 leaves of 256: 58 s to compile a global norm on CPU, with its rescue
-#: pass); stacked 64 to a reduction (:data:`STACK`), 2.3 s. Stacking copies
-#: the leaves, which is cheap only while they are small: bigger leaves are
-#: reduced where they are.
+#: Leaves of at most this many elements that one group owns are reduced in
+#: batches: those of equal size are stacked into one ``(k, size)`` array and
+#: reduced along its rows. A global norm over 2000 leaves of 256 took 58 s to
+#: compile on CPU, with its rescue pass, when each leaf had its own reduction
+#: and the sums were added in one chain; stacked 64 to a reduction
+#: (:data:`STACK`), 2.3 s. Stacking copies the leaves, which is cheap only
+#: while they are small: bigger leaves are reduced where they are.
 SMALL_LEAF = 1 << 14
 
 #: Leaves stacked per reduction: XLA's CPU compiler takes time quadratic in the
@@ -252,19 +252,19 @@ def group_reduce(
     group costs a few reductions however many leaves it has.
     """
     parts: list[list[chex.Array]] = [[] for _ in groups]
-    batches: dict[tuple[int, int], list[int]] = {}  # (group, size): leaves
-    for k, group in enumerate(groups):
-        for i in group:
-            if _batchable(leaves[i]):
-                batches.setdefault((k, leaves[i].size), []).append(i)
     for k, group in enumerate(groups):
         rk = None if r is None else r[k]
+        small: dict[int, list[int]] = {}  # size: this group's small leaves
         for i in group:
-            index = batches.get((k, leaves[i].size), [])
-            if len(index) < 2 or not _batchable(leaves[i]):
+            if _batchable(leaves[i]):
+                small.setdefault(leaves[i].size, []).append(i)
+            else:
                 parts[k].append(_reduce(_elements(leaves[i], dtype, kind, rk), kind))
-            elif i == index[0]:
-                size = leaves[i].size
+        for size, index in small.items():
+            if len(index) == 1:
+                x = leaves[index[0]]
+                parts[k].append(_reduce(_elements(x, dtype, kind, rk), kind))
+            else:
                 parts[k].append(_reduce_stacked(leaves, index, size, dtype, kind, rk))
     zero = jnp.zeros((), dtype)
     if kind == "maxabs":

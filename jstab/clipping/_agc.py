@@ -116,8 +116,8 @@ def adaptive_grad_clip(
             out.append(_numerics.scale(g, _numerics.factor(gn, limit)))
             n_clipped.append(jnp.sum(gn > limit, dtype=jnp.int32))
         units = sum(n.size for n in g_norms)
-        n = jnp.sum(_numerics.stack(n_clipped))
-        clipped = n.astype(jnp.float32) / units if units else 0.0
+        total = jnp.sum(_numerics.stack(n_clipped))
+        clipped = total.astype(jnp.float32) / units if units else 0.0
         # A leaf of one unit (a bias) has its unit's norm: no kernel to run.
         leaf_norms = [
             n.reshape(()) if n.size == 1 else jnp.sqrt(jnp.sum(jnp.square(n)))
