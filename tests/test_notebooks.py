@@ -1,0 +1,75 @@
+"""The notebooks run top to bottom, in their small mode, and are committed clean.
+
+Each notebook is executed by a Jupyter kernel (nbclient) in the notebooks'
+folder, as Jupyter and Colab run them, with ``JSTAB_NOTEBOOK_SMALL=1``: the
+same cells with fewer steps and smaller models. A cell that raises fails the
+test, with the cell's source and the error.
+"""
+
+import json
+import pathlib
+import re
+
+import nbclient
+import nbformat
+import pytest
+
+FOLDER = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = sorted(FOLDER.glob("*.ipynb"))
+EXPECTED = [
+    "01_vanishing_exploding.ipynb",
+    "02_initializers_in_flax.ipynb",
+    "03_clipping_chains.ipynb",
+    "04_clip_overhead_benchmark.ipynb",
+]
+BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
+
+
+def test_the_notebooks_are_there():
+    names = [p.name for p in NOTEBOOKS]
+    assert [n for n in EXPECTED if n not in names] == []
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_without_outputs(path):
+    notebook = json.loads(path.read_text())
+    code = [c for c in notebook["cells"] if c["cell_type"] == "code"]
+    assert code, f"{path.name} has no code cell"
+    dirty = [
+        i
+        for i, c in enumerate(code)
+        if c["outputs"] or c["execution_count"] is not None
+    ]
+    assert dirty == [], f"{path.name}: code cells {dirty} have outputs"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_opens_with_badge_and_install_cell(path):
+    notebook = json.loads(path.read_text())
+    first = "".join(notebook["cells"][0]["source"])
+    assert BADGE in first and f"notebooks/{path.name}" in first
+    install = "".join(
+        next(c for c in notebook["cells"] if c["cell_type"] == "code")["source"]
+    )
+    assert "JSTAB_REPO" in install and "print(jax.devices())" in install
+    sources = [
+        "".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"
+    ]
+    absolute = [m for s in sources for m in re.findall(r"[\"'](?:/|[A-Z]:\\)\w+", s)]
+    assert absolute == [], f"{path.name}: absolute paths {absolute}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_runs_top_to_bottom(path, monkeypatch):
+    # The kernel inherits this environment (conftest's XLA flags included).
+    monkeypatch.setenv("JSTAB_NOTEBOOK_SMALL", "1")
+    notebook = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(FOLDER)}},
+    )
+    client.execute()  # raises CellExecutionError, with the cell, if one fails
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    assert outputs and all(o.output_type != "error" for o in outputs)
