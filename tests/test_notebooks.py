@@ -6,15 +6,19 @@ same cells with fewer steps and smaller models. A cell that raises fails the
 test, with the cell's source and the error.
 """
 
+import importlib.util
 import json
 import pathlib
 import re
+import subprocess
+import sys
 
 import nbclient
 import nbformat
 import pytest
 
-FOLDER = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FOLDER = ROOT / "notebooks"
 NOTEBOOKS = sorted(FOLDER.glob("*.ipynb"))
 EXPECTED = [
     "01_vanishing_exploding.ipynb",
@@ -57,6 +61,32 @@ def test_opens_with_badge_and_install_cell(path):
     ]
     absolute = [m for s in sources for m in re.findall(r"[\"'](?:/|[A-Z]:\\)\w+", s)]
     assert absolute == [], f"{path.name}: absolute paths {absolute}"
+
+
+def _install_cell(path: pathlib.Path) -> str:
+    cells = json.loads(path.read_text())["cells"]
+    return "".join(next(c for c in cells if c["cell_type"] == "code")["source"])
+
+
+@pytest.mark.parametrize("inside", [True, False], ids=["in checkout", "elsewhere"])
+def test_install_cell_installs_what_is_missing(inside, monkeypatch, tmp_path):
+    # One install cell, the same in every notebook.
+    cells = {_install_cell(p) for p in NOTEBOOKS}
+    assert len(cells) == 1
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "jstab" else find_spec(name, *a),
+    )
+    monkeypatch.chdir(FOLDER if inside else tmp_path)
+    exec(cells.pop(), {})
+    source = ROOT.as_uri() if inside else "git+https://github.com/jstab-dev/jstab"
+    assert calls == [
+        [sys.executable, "-m", "pip", "install", "-q", f"jstab[demo] @ {source}"]
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
