@@ -27,6 +27,12 @@ EXPECTED = [
     "04_clip_overhead_benchmark.ipynb",
 ]
 BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
+REPO = "https://github.com/jstab-dev/jstab"  # JSTAB_REPO, as the README gives it
+
+
+def _install_cell(path: pathlib.Path) -> str:
+    cells = json.loads(path.read_text())["cells"]
+    return "".join(next(c for c in cells if c["cell_type"] == "code")["source"])
 
 
 def test_the_notebooks_are_there():
@@ -51,21 +57,15 @@ def test_committed_without_outputs(path):
 def test_opens_with_badge_and_install_cell(path):
     notebook = json.loads(path.read_text())
     first = "".join(notebook["cells"][0]["source"])
-    assert BADGE in first and f"notebooks/{path.name}" in first
-    install = "".join(
-        next(c for c in notebook["cells"] if c["cell_type"] == "code")["source"]
-    )
-    assert "JSTAB_REPO" in install and "print(jax.devices())" in install
+    colab = REPO.replace("github.com", "colab.research.google.com/github")
+    assert BADGE in first and f"{colab}/blob/main/notebooks/{path.name}" in first
+    install = _install_cell(path)
+    assert f'JSTAB_REPO = "{REPO}"' in install and "print(jax.devices())" in install
     sources = [
         "".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"
     ]
     absolute = [m for s in sources for m in re.findall(r"[\"'](?:/|[A-Z]:\\)\w+", s)]
     assert absolute == [], f"{path.name}: absolute paths {absolute}"
-
-
-def _install_cell(path: pathlib.Path) -> str:
-    cells = json.loads(path.read_text())["cells"]
-    return "".join(next(c for c in cells if c["cell_type"] == "code")["source"])
 
 
 @pytest.mark.parametrize("inside", [True, False], ids=["in checkout", "elsewhere"])
@@ -83,7 +83,7 @@ def test_install_cell_installs_what_is_missing(inside, monkeypatch, tmp_path):
     )
     monkeypatch.chdir(FOLDER if inside else tmp_path)
     exec(cells.pop(), {})
-    source = ROOT.as_uri() if inside else "git+https://github.com/jstab-dev/jstab"
+    source = ROOT.as_uri() if inside else f"git+{REPO}"
     assert calls == [
         [sys.executable, "-m", "pip", "install", "-q", f"jstab[demo] @ {source}"]
     ]
