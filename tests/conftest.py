@@ -28,17 +28,18 @@ def run_on_eight_devices():
     """Runs a Python script in a subprocess that sees 8 virtual CPU devices.
 
     The device count must be set before JAX is imported, and the rest of the
-    suite runs on one device. The script must print "ok" last.
+    suite runs on one device. ``args`` are the script's ``sys.argv[1:]``.
+    The script must print "ok" last.
     """
 
-    def run(script: str) -> None:
+    def run(script: str, *args: str) -> None:
         env = dict(os.environ)
         env["XLA_FLAGS"] = (
             env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
         )
         env["JAX_PLATFORMS"] = "cpu"
         result = subprocess.run(
-            [sys.executable, "-c", script],
+            [sys.executable, "-c", script, *args],
             env=env,
             capture_output=True,
             text=True,
