@@ -11,7 +11,7 @@ import optax
 from jax.tree_util import GetAttrKey, keystr
 
 from jstab import _checks, _numerics
-from jstab._numerics import ScalarOrSchedule
+from jstab._numerics import AxisName, ScalarOrSchedule
 from jstab.clipping import _state
 from jstab.clipping._state import ClipState
 
@@ -43,7 +43,11 @@ def _layers(tree, per: Per):
 
 
 def clip_by_layer_norm(
-    max_norm: ScalarOrSchedule, ord: float = 2, *, per: Per = "leaf"
+    max_norm: ScalarOrSchedule,
+    ord: float = 2,
+    *,
+    per: Per = "leaf",
+    axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
     r"""Scales each layer's gradient so that its norm is at most ``max_norm``.
 
@@ -72,6 +76,10 @@ def clip_by_layer_norm(
       max_norm: the threshold θ > 0: a float, a scalar array or a schedule.
       ord: 2 or ``jnp.inf``.
       per: ``"leaf"`` or ``"module"``: what a layer is.
+      axis_name: inside ``shard_map``, the mesh axis name (or names) every
+        leaf is split over; each layer's norm is then combined with
+        ``lax.psum`` / ``lax.pmax`` over it. Not needed under ``jax.jit``
+        with sharded arrays.
 
     Returns:
       A :class:`optax.GradientTransformation` with a :class:`ClipState`.
@@ -87,7 +95,7 @@ def clip_by_layer_norm(
     def update_fn(updates, state, params=None):
         del params
         leaves, groups, pack = _layers(updates, per)
-        norms = _numerics.group_norms(leaves, groups, ord)
+        norms = _numerics.group_norms(leaves, groups, ord, axis_name)
         dtype = _numerics.accumulation_dtype(leaves)
         threshold = _numerics.resolve(max_norm, state.count, dtype)
         out = list(leaves)
