@@ -25,6 +25,7 @@ EXPECTED = [
     "02_initializers_in_flax.ipynb",
     "03_clipping_chains.ipynb",
     "04_clip_overhead_benchmark.ipynb",
+    "05_many_devices.ipynb",
 ]
 BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
 REPO = "https://github.com/jstab-dev/jstab"  # JSTAB_REPO, as the README gives it

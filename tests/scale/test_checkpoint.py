@@ -49,7 +49,7 @@ SCRIPT = textwrap.dedent(
 
     def train(p, s, steps):
         for i in steps:
-            p, s = step(p, s, X[i], Y[i])
+            p, s = jax.block_until_ready(step(p, s, X[i], Y[i]))
         return p, s
 
     def identical(a, b):

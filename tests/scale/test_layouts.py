@@ -114,7 +114,7 @@ TRAIN = COMMON + textwrap.dedent(
         f = jax.jit(step if batches is None else train_step)
         hlo = f.lower(p, state, *args[0]).compile().as_text()
         for a in args:
-            p, state = f(p, state, *a)
+            p, state = jax.block_until_ready(f(p, state, *a))
         return (p, state), hlo
 
     # Collectives in compiled HLO: the result's shape, the operation.

@@ -23,7 +23,7 @@ import textwrap
 SCRIPT = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np, optax, jstab
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
     assert jax.device_count() == 8, jax.devices()
     rng = np.random.default_rng(0)
@@ -61,11 +61,11 @@ SCRIPT = textwrap.dedent(
     def steps(tx, update, place=lambda t: t):
         state, out = tx.init(params), []
         for g in GRADS:
-            u, state = update(place(g), state)
+            u, state = jax.block_until_ready(update(place(g), state))
             out.append(u)
         return out, state
 
-    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
     BOTH = P(("data", "model"))
     split = NamedSharding(mesh, BOTH)
 
@@ -121,7 +121,7 @@ SCRIPT = textwrap.dedent(
         s = tx.init(p)
         for x, y in zip(X, Y):
             x, y = (place(b, NamedSharding(mesh, P("data"))) for b in (x, y))
-            p, s = step(p, s, x, y)
+            p, s = jax.block_until_ready(step(p, s, x, y))
         return p, s
 
     def one_device(tx):
@@ -181,7 +181,8 @@ SCRIPT = textwrap.dedent(
         copies = lambda t: jax.tree.map(lambda a: jnp.broadcast_to(a, (8, *a.shape)), t)
         p, s = copies(params), copies(tx.init(params))
         for x, y in zip(X, Y):
-            p, s = f(p, s, x.reshape(8, -1, 16), y.reshape(8, -1, 8))
+            p, s = jax.block_until_ready(
+                f(p, s, x.reshape(8, -1, 16), y.reshape(8, -1, 8)))
         return jax.tree.map(lambda a: a[0], (p, s))
 
     for tx in (optax.chain(jstab.clip_by_global_norm(0.5), optax.sgd(0.1)),
