@@ -13,7 +13,9 @@ The script runs in a subprocess (the ``run_on_eight_devices`` fixture).
 
 import textwrap
 
-SCRIPT = textwrap.dedent(
+from _compare import COMPARE
+
+SCRIPT = COMPARE + textwrap.dedent(
     """
     import sys
     import jax, jax.numpy as jnp, numpy as np, optax, jstab
@@ -52,13 +54,6 @@ SCRIPT = textwrap.dedent(
             p, s = jax.block_until_ready(step(p, s, X[i], Y[i]))
         return p, s
 
-    def identical(a, b):
-        for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a),
-                                jax.tree.leaves(b), strict=True):
-            x, y = np.asarray(x), np.asarray(y)
-            assert x.dtype == y.dtype, jax.tree_util.keystr(path)
-            np.testing.assert_array_equal(x, y, jax.tree_util.keystr(path))
-
     def check(name, sharding):
         p = params if sharding is None else jax.device_put(params, sharding)
         s = tx.init(p)
@@ -78,7 +73,7 @@ SCRIPT = textwrap.dedent(
         for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(target)):
             assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (a, b)
         got = train(restored["params"], restored["opt_state"], range(4, 8))
-        identical(want, got)
+        compare(name, want, got, "bits")
 
         # The checkpoint held what the rules had learned: AutoClip's full
         # ring buffer, running moments (ZClip's and the skip's), counts.

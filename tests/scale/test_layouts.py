@@ -23,8 +23,9 @@ The scripts run in a subprocess (the ``run_on_eight_devices`` fixture).
 import textwrap
 
 import pytest
+from _compare import COMPARE
 
-COMMON = textwrap.dedent(
+COMMON = COMPARE + textwrap.dedent(
     """
     import re, sys
     import jax, jax.numpy as jnp, numpy as np, optax, jstab
@@ -129,27 +130,6 @@ TRAIN = COMMON + textwrap.dedent(
             yield op, max(int(np.prod([int(d) for d in x.split(",") if d]))
                           for x in dims)
 
-    def compare(name, want, got, elementwise):
-        \"\"\"To 1e-6 of each leaf's largest element, or to 1e-5 of its norm.
-
-        A parameter that crosses zero cannot match to 1e-6 of itself: a
-        difference of an ulp in one of its updates is larger than that.
-        \"\"\"
-        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want),
-                                jax.tree.leaves(got), strict=True):
-            where = f"{name}: {jax.tree_util.keystr(path)}"
-            a, b = np.asarray(a), np.asarray(b)
-            assert a.dtype == b.dtype and a.shape == b.shape, where
-            if a.dtype.kind != "f":
-                np.testing.assert_array_equal(b, a, err_msg=where)
-            elif elementwise:
-                scale = np.max(np.abs(a), initial=0.0)
-                np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6 * scale,
-                                           err_msg=where)
-            else:
-                err = np.linalg.norm(b - a) / max(np.linalg.norm(a), 1e-30)
-                assert err <= 1e-5, (where, err)
-
     one = jax.devices()[0]
     on_one = lambda t, s: jax.device_put(t, one)
     GRADS = [jax.jit(jax.grad(loss))(params, x, y) for x, y in zip(X, Y)]
@@ -170,7 +150,7 @@ TRAIN = COMMON + textwrap.dedent(
             for name, tx in TX.items():
                 # The same gradients in, the same parameters and state out.
                 got, hlo = run(tx, jax.device_put, shardings)
-                compare(name, want[name], got, elementwise=True)
+                compare(name, want[name], got, "elementwise")
                 # Parameters and Adam's moments keep the parameters' shardings.
                 mu, nu = (optax.tree.get(got[1], m) for m in ("mu", "nu"))
                 for tree in (got[0], mu, nu):
@@ -190,7 +170,7 @@ TRAIN = COMMON + textwrap.dedent(
                 # gradients themselves differ in their last bits (Adam's nu
                 # by 1.2e-6 of its norm after five steps, measured).
                 got, _ = run(tx, jax.device_put, shardings, batches)
-                compare(name, trained[name], got, elementwise=False)
+                compare(name, trained[name], got, "norm")
 
     # Each rule acted in these five steps, on the spike at least.
     for name, (_, state) in want.items():
