@@ -34,7 +34,7 @@ def run_on_eight_devices():
     Scripts wait for each step that communicates (``jax.block_until_ready``):
     the 8 devices share the machine's threads, and steps queued ahead whose
     collectives wait for one another can starve them. On 2 cores, training
-    a 16-layer FSDP model without waiting aborted in 4 runs of 4 (XLA's
+    a 16-layer FSDP model without waiting aborted in 4 runs of 5 (XLA's
     40 s rendezvous timeout); waiting for each step, it ran.
     """
 
