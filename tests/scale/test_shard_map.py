@@ -60,11 +60,11 @@ SCRIPT = COMPARE + textwrap.dedent(
         return out, state
 
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
-    BOTH = P(("data", "model"))
+    both = ("data", "model")
+    BOTH = P(both)
     split = NamedSharding(mesh, BOTH)
 
     # 1. Every leaf split over both axes: axis_name names them both.
-    both = ("data", "model")
     for (name, ref), tx in zip(rules().items(), rules(both).values()):
         want = steps(ref, jax.jit(ref.update))
         local = jax.jit(jax.shard_map(tx.update, mesh=mesh, in_specs=(BOTH, P()),
