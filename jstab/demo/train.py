@@ -5,7 +5,8 @@ minibatch with ``sample(key)``, computes the gradient of ``loss_fn``, and
 applies the Optax transformation ``tx``. Seeds are trained side by side with
 ``jax.vmap`` (one compilation for all of them) and steps run ``chunk`` at a
 time inside a ``jax.lax.scan`` (one dispatch per chunk), so that the host
-only wakes up to report progress.
+only wakes up to report progress; convolutional networks, which XLA's CPU
+backend runs slowly that way, train one seed and one step at a time.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def fit(
     steps: int,
     chunk: int = 100,
     progress: Callable[[int], Any] | None = None,
+    vectorize: bool = True,
 ) -> Run:
     """Trains one model per seed, all seeds in one compiled program.
 
@@ -72,6 +74,11 @@ def fit(
       chunk: the steps of one compiled scan; ``steps`` need not be a
         multiple (a shorter last chunk compiles once more).
       progress: called with the number of steps done after every chunk.
+      vectorize: whether the seeds are trained side by side, in compiled
+        scans (``jax.vmap`` of ``jax.lax.scan``), or one after another, one
+        compiled step at a time. XLA's CPU backend runs convolutions slowly
+        both vmapped over their kernels (as grouped convolutions) and inside
+        a scan's loop; see :func:`jstab.demo.experiments.measure`.
 
     Returns:
       A :class:`Run`.
@@ -86,10 +93,22 @@ def fit(
         params = optax.apply_updates(params, updates)
         return (params, model_state, opt_state), (loss, jstab.global_norm(grads))
 
-    @jax.jit
-    def run_chunk(carry, keys):
+    stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
+    if vectorize:
         # One seed's scan over the steps' keys, vmapped over the seeds.
-        return jax.vmap(lambda c, k: jax.lax.scan(step, c, k))(carry, keys)
+        run_chunk = jax.jit(jax.vmap(lambda c, k: jax.lax.scan(step, c, k)))
+    else:
+        one = jax.jit(step)
+
+        def run_chunk(carry, keys):
+            seeds = []
+            for i in range(keys.shape[0]):
+                seed_carry, outs = jax.tree.map(lambda a, i=i: a[i], carry), []
+                for step_key in keys[i]:
+                    seed_carry, out = one(seed_carry, step_key)
+                    outs.append(out)
+                seeds.append((seed_carry, stack(outs)))
+            return stack(seeds)
 
     carry = (params, model_state, jax.vmap(tx.init)(params))
     keys = jax.vmap(lambda k: jax.random.split(k, steps))(key)
