@@ -1,14 +1,19 @@
 """``jstab demo``: vanishing and exploding gradients, and their remedies, measured.
 
 Part A trains a deep MLP on scikit-learn's digits with each initialization,
-architecture and clipping rule; part B trains recurrent networks on the
-adding problem. Every configuration is diagnosed at initialization and
-trained for several seeds; the results make a table and plots.
+architecture, clipping rule and spectral normalization; part B trains
+recurrent networks on the adding problem; part C a deep CNN on the digits'
+images; part D the deep sigmoid MLP with each optimizer, and after greedy
+layer-wise pretraining. Every configuration is diagnosed at initialization
+and trained for several seeds; the results make a table and plots.
 
 The pieces are meant to be read and forked:
 
 - :mod:`jstab.demo.data`: the digits split and the adding problem;
-- :mod:`jstab.demo.models`: the MLP and the recurrent regressor (Flax Linen);
+- :mod:`jstab.demo.models`: the MLP, the CNN and the recurrent regressor
+  (Flax Linen);
+- :mod:`jstab.demo.pretrain`: greedy layer-wise pretraining (RBMs with
+  CD-1, denoising autoencoders);
 - :mod:`jstab.demo.train`: the training loop (seeds vmapped, steps scanned);
 - :mod:`jstab.demo.experiments`: the configurations, and measuring one;
 - :mod:`jstab.demo.report`: the table, the plots and the JSON record.

@@ -13,11 +13,21 @@ import numpy as np
 from jstab.demo import data
 from jstab.demo.experiments import Budget, Result
 
-_PARTS = {
+# The tables, by Config.table, in the order they are printed.
+PARTS = {
     "digits": "A. Deep MLP on digits (test accuracy; 10 classes, chance 0.1)",
     "adding": (
         "B. Recurrent networks on the adding problem (test MSE; always "
         f"predicting 1 gives {data.ADDING_BASELINE:.3f})"
+    ),
+    "cnn": "C. Deep CNN on the digits' 8×8 images (test accuracy)",
+    "optimizers": (
+        "D. Optimizers: the exploding MLP (ReLU + N(0, 1)) with each, "
+        "with and without clipping (test accuracy)"
+    ),
+    "pretraining": (
+        "E. Greedy layer-wise pretraining of the deep sigmoid MLP, then "
+        "Adam (test accuracy)"
     ),
 }
 _HEAD = (
@@ -67,8 +77,8 @@ def row(result: Result, steps: int) -> tuple[str, ...]:
 def table(results: Sequence[Result], budget: Budget) -> str:
     """The results as Markdown tables, one per part of the demo."""
     blocks = []
-    for task, title in _PARTS.items():
-        rows = [row(r, budget.steps) for r in results if r.config.task == task]
+    for part, title in PARTS.items():
+        rows = [row(r, budget.steps) for r in results if r.config.table == part]
         if not rows:
             continue
         widths = [
@@ -98,6 +108,7 @@ def record(results: Sequence[Result], budget: Budget, **about: Any) -> dict:
             {
                 "name": r.config.name,
                 "task": r.config.task,
+                "table": r.config.table,
                 "ratio": r.ratio,
                 "diagnosis": r.diagnosis,
                 "peak": listed(r.peak),
@@ -121,14 +132,60 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(values, np.ones(window) / window, mode="valid")
 
 
+def _initializations(results: Sequence[Result]) -> dict[str, Result]:
+    """The first row of each distinct model and initialization, by name:
+    rows with a clip or another optimizer start from the same network as
+    one without."""
+    found: dict[tuple, Result] = {}
+    for r in results:
+        c = r.config
+        found.setdefault((c.model, c.lsuv, c.pretrain), r)
+    return {r.config.name: r for r in found.values()}
+
+
+def _curve_groups(results: Sequence[Result]) -> dict[str, list[Result]]:
+    def rows(table: str, keep) -> list[Result]:
+        return [r for r in results if r.config.table == table and keep(r)]
+
+    exploding = lambda r: r.config.name.startswith("ReLU + N(0, 1)")  # noqa: E731
+    return {
+        "MLP: initializations and architectures": rows(
+            "digits", lambda r: not exploding(r)
+        ),
+        "MLP: N(0, 1), clipped or normalized": rows("digits", exploding),
+        "adding problem": rows("adding", bool),
+        "CNN": rows("cnn", bool),
+        "exploding MLP: optimizers": rows("optimizers", bool),
+        "sigmoid MLP: pretraining and initializations": rows("pretraining", bool),
+    }
+
+
+def _panels(plt, count: int):
+    columns = min(3, count)
+    rows = -(-count // columns)
+    fig, axes = plt.subplots(
+        rows,
+        columns,
+        figsize=(6.5 * columns, 5 * rows),
+        layout="constrained",
+        squeeze=False,
+    )
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return fig, axes.flat[:count]
+
+
 def plots(results: Sequence[Result], out: Path) -> list[Path]:
     """Writes the demo's figures into ``out`` as PNG files; returns their paths.
 
-    - ``grad_norm_at_init.png``: each MLP layer's gradient norm at
-      initialization, one line per initialization and architecture;
+    - ``grad_norm_at_init.png``: each layer's gradient norm at
+      initialization, one panel per table of deep networks (MLP, CNN,
+      pretrained sigmoid MLP), one line per initialization and
+      architecture;
     - ``grad_over_time_at_init.png``: the recurrent networks' gradient with
       respect to each time step's input, at initialization;
-    - ``training_curves.png``: the training loss of every configuration.
+    - ``training_curves.png``: the training loss of every configuration,
+      in groups.
     """
     import matplotlib
 
@@ -138,22 +195,28 @@ def plots(results: Sequence[Result], out: Path) -> list[Path]:
     from jstab import plots as jplots
 
     written = []
-    # The rows with a clip or a wrapper share their initialization with a
-    # plain one.
-    unclipped = [r for r in results if _plain(r)]
-    reports = {r.config.name: r.report for r in unclipped if r.report is not None}
-    if reports:
-        fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
-        jplots.plot_grad_norms(reports, ax=ax, title="Gradient norm at initialization")
+    panels = {}
+    for table, title in (
+        ("digits", "MLP"),
+        ("cnn", "CNN"),
+        ("pretraining", "sigmoid MLP"),
+    ):
+        found = _initializations([r for r in results if r.config.table == table])
+        reports = {name: r.report for name, r in found.items() if r.report}
+        if reports:
+            panels[f"{title}: gradient norm at initialization"] = reports
+    if panels:
+        fig, axes = _panels(plt, len(panels))
+        for ax, (title, reports) in zip(axes, panels.items(), strict=True):
+            jplots.plot_grad_norms(reports, ax=ax, title=title)
+            ax.legend(fontsize="small")
         written.append(_save(fig, out / "grad_norm_at_init.png", plt))
 
-    profiles = [r for r in unclipped if r.config.task == "adding"]
+    profiles = _initializations([r for r in results if r.config.task == "adding"])
     if profiles:
         fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
-        for r in profiles:
-            ax.semilogy(
-                np.arange(1, r.profile.size + 1), r.profile, label=r.config.name
-            )
+        for name, r in profiles.items():
+            ax.semilogy(np.arange(1, r.profile.size + 1), r.profile, label=name)
         ax.set_xlabel("time step t")
         ax.set_ylabel("‖∂L/∂x_t‖")
         ax.set_title("Gradient reaching each time step, at initialization")
@@ -161,22 +224,10 @@ def plots(results: Sequence[Result], out: Path) -> list[Path]:
         ax.grid(True, alpha=0.3)
         written.append(_save(fig, out / "grad_over_time_at_init.png", plt))
 
-    recurrent = [r for r in results if r.config.task == "adding"]
-    groups = {
-        "digits: initializations and architectures": [
-            r for r in results if r.config.task == "digits" and _plain(r)
-        ],
-        "digits: the exploding MLP, clipped": [
-            r for r in results if r.config.task == "digits" and not _plain(r)
-        ],
-        "adding problem": recurrent,
-    }
-    groups = {title: rs for title, rs in groups.items() if rs}
+    groups = {title: rs for title, rs in _curve_groups(results).items() if rs}
     if groups:
-        fig, axes = plt.subplots(
-            1, len(groups), figsize=(6.5 * len(groups), 5), layout="constrained"
-        )
-        for ax, (title, rs) in zip(np.atleast_1d(axes), groups.items(), strict=True):
+        fig, axes = _panels(plt, len(groups))
+        for ax, (title, rs) in zip(axes, groups.items(), strict=True):
             window = max(1, rs[0].loss.size // 40)
             curves = {r.config.name: _smooth(r.loss, window) for r in rs}
             jplots.plot_training_curves(curves, ax=ax, title=title)

@@ -92,3 +92,31 @@ def test_demo_rejects_a_bad_budget_naming_it(argument):
     )
     assert result.returncode == 2
     assert argument.split("=")[0] in result.stderr
+
+
+def test_quick_run_has_a_row_in_every_table(quick_run):
+    out, stdout = quick_run
+    rows = _rows(out)
+    assert {row["table"] for row in rows.values()} == set(demo.report.PARTS)
+    for title in demo.report.PARTS.values():
+        assert title in stdout
+
+
+def test_pretraining_lets_the_gradient_reach_the_first_sigmoid_layer(quick_run):
+    rows = _rows(quick_run[0])
+    small = rows["sigmoid + small N(0, 0.01²)"]["ratio"]
+    pretrained = rows["sigmoid + RBM pretraining (CD-1)"]
+    assert pretrained["ratio"] > 1e10 * small
+    assert (
+        _mean(pretrained["metric"])
+        > _mean(rows["sigmoid + small N(0, 0.01²)"]["metric"]) + 0.2
+    )
+
+
+def test_sgd_on_the_exploding_mlp_needs_the_clip_to_stay_finite(quick_run):
+    rows = _rows(quick_run[0])
+    clipped = rows["ReLU + N(0, 1), SGD 0.1 + global-norm clip"]
+    assert all(math.isfinite(v) for v in clipped["train_loss"])
+    assert not all(
+        math.isfinite(v) for v in rows["ReLU + N(0, 1), SGD 0.1"]["train_loss"]
+    )

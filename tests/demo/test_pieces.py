@@ -160,3 +160,90 @@ def test_measure_is_deterministic_given_the_seed(name):
     assert first.ratio == second.ratio and first.diagnosis == second.diagnosis
     other = experiments.measure(config, _TINY, seed=6)
     assert not np.array_equal(first.loss, other.loss)
+
+
+@pytest.mark.parametrize(
+    ("residual", "batch_norm"), [(False, False), (True, False), (False, True)]
+)
+def test_cnn_has_depth_convolutions_and_a_head_seen_by_signal_propagation(
+    residual, batch_norm
+):
+    model = models.CNN(depth=5, channels=4, residual=residual, batch_norm=batch_norm)
+    x = jax.random.normal(jax.random.key(0), (16, 64))
+    variables = model.init(jax.random.key(1), x)
+    report = jstab.signal_propagation(model, variables, x, model_kwargs={"train": True})
+    assert report.layers == tuple(f"Conv_{i}" for i in range(5)) + ("Dense_0",)
+    assert variables["params"]["Conv_1"]["kernel"].shape == (3, 3, 4, 4)
+    assert model.apply(variables, x).shape == (16, 10)
+
+
+def test_cnn_signal_vanishes_with_small_init_and_not_with_delta_orthogonal():
+    x = jnp.asarray(data.digits().x_train[:128])
+
+    def report(kernel_init) -> jstab.SignalReport:
+        model = models.CNN(depth=12, channels=8, kernel_init=kernel_init)
+        return jstab.signal_propagation(model, model.init(jax.random.key(1), x[:2]), x)
+
+    small = report(jstab.small_normal(0.01))
+    # The gradient is equally tiny at every layer: only the activations tell.
+    assert small.verdict == "ok" and np.all(small.grad_norm < 1e-20)
+    assert experiments.diagnose(small) == "vanishing"
+    isometric = report(jstab.delta_orthogonal(math.sqrt(2)))
+    assert experiments.diagnose(isometric) == "ok"
+    assert 1e-2 < isometric.grad_norm[0] / isometric.grad_norm[-1] < 1e2
+
+
+def test_fit_one_seed_and_one_step_at_a_time_trains_the_same_models():
+    sample, loss_fn = _linear_regression()
+    params = {"w": jnp.tile(jnp.arange(3.0)[:, None], (1, 3))}
+    keys = jax.random.split(jax.random.key(0), 3)
+    tx = optax.chain(jstab.clip_by_global_norm(1.0), optax.adam(0.05))
+    runs = [
+        train.fit(
+            loss_fn, tx, params, {}, sample, keys, steps=30, chunk=20, vectorize=v
+        )
+        for v in (True, False)
+    ]
+    np.testing.assert_allclose(runs[0].loss, runs[1].loss, rtol=1e-5)
+    np.testing.assert_allclose(runs[0].params["w"], runs[1].params["w"], rtol=1e-5)
+    assert not np.allclose(runs[1].params["w"][0], runs[1].params["w"][1])
+
+
+def _spectral_norm_effective_kernels(variables) -> dict[str, jax.Array]:
+    """What Flax's SpectralNorm applies at evaluation: the kernel over the
+    estimate of its largest singular value from one power-iteration step
+    from the stored ``u``."""
+
+    def unit(a):
+        return a / jnp.linalg.norm(a)
+
+    kernels = {}
+    for stats in variables["batch_stats"].values():
+        ((key, u),) = ((k, v) for k, v in stats.items() if k.endswith("/u"))
+        layer = key.split("/")[0]
+        w = variables["params"][layer]["kernel"]
+        v = unit(u @ w.T)
+        u = unit(v @ w)
+        kernels[layer] = w / (v @ w @ u.T)[0, 0]
+    return kernels
+
+
+def test_spectral_norm_keeps_every_trained_kernel_at_largest_singular_value_one():
+    config = next(c for c in experiments.CONFIGS if c.name.endswith("spectral norm"))
+    budget = dataclasses.replace(experiments.QUICK, seeds=2, steps=300)
+    result = experiments.measure(config, budget)
+    assert np.all(np.isfinite(result.train_loss))
+    for seed in range(2):
+        variables = jax.tree.map(lambda a, i=seed: a[i], result.variables)
+        kernels = _spectral_norm_effective_kernels(variables)
+        assert len(kernels) == budget.depth
+        for layer, kernel in kernels.items():
+            sigma = float(jnp.linalg.svd(kernel, compute_uv=False)[0])
+            assert abs(sigma - 1) < 0.1, (layer, sigma)
+        # The stored kernels are not normalized themselves (Flax's init
+        # stores N(0, 1) kernels already divided by a first, rough estimate).
+        raw = [
+            float(jnp.linalg.svd(variables["params"][layer]["kernel"])[1][0])
+            for layer in kernels
+        ]
+        assert max(abs(s - 1) for s in raw) > 0.1, raw
