@@ -83,7 +83,8 @@ class Config:
         (:mod:`jstab.demo.pretrain`) on the training images ``x``, whose
         layers replace the first kernels and biases of the initialized
         MLP before anything is measured; or ``None``.
-      part: the table the row belongs to (``"cnn"``, ``"sigmoid"``); the
+      part: the table the row belongs to (``"cnn"``, ``"optimizers"``,
+        ``"pretraining"``; :data:`jstab.demo.report.PARTS`); the
         empty string for the task's own (``"digits"``, ``"adding"``).
       full: whether the row runs only in ``jstab demo --full``.
     """

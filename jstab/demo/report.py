@@ -182,6 +182,8 @@ def plots(results: Sequence[Result], out: Path) -> list[Path]:
       initialization, one panel per table of deep networks (MLP, CNN,
       pretrained sigmoid MLP), one line per initialization and
       architecture;
+    - ``activation_std_at_init.png``: the same for the standard deviation
+      of each layer's output;
     - ``grad_over_time_at_init.png``: the recurrent networks' gradient with
       respect to each time step's input, at initialization;
     - ``training_curves.png``: the training loss of every configuration,
@@ -204,13 +206,18 @@ def plots(results: Sequence[Result], out: Path) -> list[Path]:
         found = _initializations([r for r in results if r.config.table == table])
         reports = {name: r.report for name, r in found.items() if r.report}
         if reports:
-            panels[f"{title}: gradient norm at initialization"] = reports
-    if panels:
+            panels[title] = reports
+    for plot, what, name in (
+        (jplots.plot_grad_norms, "gradient norm", "grad_norm_at_init.png"),
+        (jplots.plot_activation_std, "activation std", "activation_std_at_init.png"),
+    ):
+        if not panels:
+            break
         fig, axes = _panels(plt, len(panels))
         for ax, (title, reports) in zip(axes, panels.items(), strict=True):
-            jplots.plot_grad_norms(reports, ax=ax, title=title)
+            plot(reports, ax=ax, title=f"{title}: {what} at initialization")
             ax.legend(fontsize="small")
-        written.append(_save(fig, out / "grad_norm_at_init.png", plt))
+        written.append(_save(fig, out / name, plt))
 
     profiles = _initializations([r for r in results if r.config.task == "adding"])
     if profiles:

@@ -51,7 +51,11 @@ def test_quick_run_prints_and_writes_the_table_and_the_plots(quick_run):
     assert table.strip() in stdout
     for name in _rows(out):
         assert f"| {name} " in table
-    for png in ("grad_norm_at_init.png", "training_curves.png"):
+    for png in (
+        "grad_norm_at_init.png",
+        "activation_std_at_init.png",
+        "training_curves.png",
+    ):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
