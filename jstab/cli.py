@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     level.add_argument(
         "--full",
         action="store_true",
-        help="every configuration (the default run leaves some CNN and "
-        "sigmoid-MLP rows out)",
+        help="every configuration (the default run leaves out the CNN's "
+        "residual and batch-norm rows, SGD with momentum and the LSTM)",
     )
     demo.add_argument("--seed", type=int, default=0, help="seed of every key")
     demo.add_argument(

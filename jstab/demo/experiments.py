@@ -210,16 +210,14 @@ _CNN = tuple(
 )
 
 
-def _rbm(x: jax.Array, key: jax.Array, b: Budget) -> list[pretrain.Layer]:
-    widths = [b.width] * (b.depth - 1)
-    return pretrain.rbm(x, key, widths, epochs=b.pretrain_epochs).layers
+def _pretrained(method: Callable[..., pretrain.Pretrained]):
+    """A ``Config.pretrain``: ``method`` over every MLP layer below the head."""
 
+    def layers(x: jax.Array, key: jax.Array, b: Budget) -> list[pretrain.Layer]:
+        widths = [b.width] * (b.depth - 1)
+        return method(x, key, widths, epochs=b.pretrain_epochs).layers
 
-def _dae(x: jax.Array, key: jax.Array, b: Budget) -> list[pretrain.Layer]:
-    widths = [b.width] * (b.depth - 1)
-    return pretrain.denoising_autoencoder(
-        x, key, widths, epochs=b.pretrain_epochs
-    ).layers
+    return layers
 
 
 # Optimizers as a remedy (seed 001): the exploding MLP trained with SGD's one
@@ -246,46 +244,30 @@ _BY_OPTIMIZER = tuple(
     for clip in (False, True)
 )
 
+
 # Greedy layer-wise pretraining of the deep sigmoid MLP (seed 001), against
 # random initializations of the same network, all fine-tuned with Adam.
-_SIGMOID_SMALL = _mlp(nn.sigmoid, jstab.small_normal(0.01))
+def _sigmoid(name: str, kernel_init: jstab.Initializer, **kw) -> Config:
+    model = _mlp(nn.sigmoid, kernel_init)
+    return Config(name, "digits", model, "sigmoid", part="pretraining", **kw)
+
+
 _PRETRAINING = (
-    Config(
-        "sigmoid + small N(0, 0.01²), not pretrained",
-        "digits",
-        _SIGMOID_SMALL,
-        "sigmoid",
-    ),
-    Config(
-        "sigmoid + Glorot",
-        "digits",
-        _mlp(nn.sigmoid, jstab.glorot_normal()),
-        "sigmoid",
-    ),
-    Config(
-        "sigmoid + LSUV",
-        "digits",
-        _mlp(nn.sigmoid, jstab.glorot_normal()),
-        "sigmoid",
-        lsuv=True,
-    ),
-    Config(
+    _sigmoid("sigmoid + small N(0, 0.01²), not pretrained", jstab.small_normal(0.01)),
+    _sigmoid("sigmoid + Glorot", jstab.glorot_normal()),
+    _sigmoid("sigmoid + LSUV", jstab.glorot_normal(), lsuv=True),
+    _sigmoid(
         "sigmoid + RBM pretraining (CD-1)",
-        "digits",
-        _SIGMOID_SMALL,
-        "sigmoid",
-        pretrain=_rbm,
+        jstab.small_normal(0.01),
+        pretrain=_pretrained(pretrain.rbm),
         quick=True,
     ),
-    Config(
+    _sigmoid(
         "sigmoid + denoising-AE pretraining",
-        "digits",
-        _SIGMOID_SMALL,
-        "sigmoid",
-        pretrain=_dae,
+        jstab.small_normal(0.01),
+        pretrain=_pretrained(pretrain.denoising_autoencoder),
     ),
 )
-_PRETRAINING = tuple(dataclasses.replace(c, part="pretraining") for c in _PRETRAINING)
 CONFIGS: tuple[Config, ...] = (
     Config(
         "sigmoid + small N(0, 0.01²)",
@@ -568,7 +550,7 @@ def measure(
         jax.random.split(key_data, budget.seeds),
         steps=budget.steps,
         progress=progress,
-        # Convolutions vmapped over seeds are grouped ones, slow on CPU.
+        # XLA's CPU backend runs convolutions slowly vmapped or scanned.
         vectorize=not isinstance(model, models.CNN),
     )
     metric = jax.jit(jax.vmap(evaluate))(run.params, run.model_state)

@@ -78,7 +78,9 @@ def fit(
         scans (``jax.vmap`` of ``jax.lax.scan``), or one after another, one
         compiled step at a time. XLA's CPU backend runs convolutions slowly
         both vmapped over their kernels (as grouped convolutions) and inside
-        a scan's loop; see :func:`jstab.demo.experiments.measure`.
+        a scan's loop: on 2 cores, an Adam step of the demo's 12-layer CNN
+        took 4.9 ms for one seed and 46 ms for 3 seeds vmapped, and with
+        its minibatch drawn, 11 ms called from Python and 47 ms in a scan.
 
     Returns:
       A :class:`Run`.
