@@ -20,9 +20,6 @@ import types
 
 import pytest
 
-# One worker computes the module fixture (pyproject.toml: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("spike-experiment")
-
 _SCRIPT = (
     pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "spike_experiment.py"
 )

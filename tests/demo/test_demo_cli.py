@@ -9,9 +9,6 @@ import pytest
 
 from jstab import demo
 
-# One worker computes the module fixture (pyproject.toml: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("demo-quick")
-
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):

@@ -9,9 +9,6 @@ from flax import linen as nn
 import jstab
 from jstab.demo import data, models, pretrain
 
-# One worker computes the module fixture (pyproject.toml: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("pretrain")
-
 DEPTH, WIDTH = 20, 64  # the demo's deep sigmoid MLP: 19 layers to pretrain
 
 
