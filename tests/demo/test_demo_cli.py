@@ -1,5 +1,6 @@
 """``jstab demo --quick``, end to end, as a user runs it."""
 
+import fcntl
 import json
 import math
 import subprocess
@@ -10,19 +11,33 @@ import pytest
 from jstab import demo
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    """The output folder and stdout of one ``jstab demo --quick`` run."""
-    out = tmp_path_factory.mktemp("demo") / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "jstab", "demo", "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Warning" not in result.stderr, result.stderr[-3000:]
-    return out, result.stdout
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory, worker_id):
+    """The output folder and stdout of one ``jstab demo --quick`` run.
+
+    One run for the whole session, whichever pytest-xdist workers draw these
+    tests: the first to take the lock runs the demo into the session's
+    shared temporary folder, the others wait and read its output. (xdist's
+    ``--dist loadgroup`` would keep the tests on one worker, but with this
+    project's pytest it no longer groups anything: pytest-xdist issue 1386.)
+    """
+    shared = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        shared = shared.parent  # the session's folder, above each worker's
+    out, stdout = shared / "demo-quick", shared / "demo-quick.stdout"
+    with open(shared / "demo-quick.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not stdout.exists():
+            result = subprocess.run(
+                [sys.executable, "-m", "jstab", "demo", "--quick", "--out", str(out)],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            assert result.returncode == 0, result.stderr[-3000:]
+            assert "Warning" not in result.stderr, result.stderr[-3000:]
+            stdout.write_text(result.stdout)
+    return out, stdout.read_text()
 
 
 def _rows(out) -> dict[str, dict]:
