@@ -427,10 +427,6 @@ def _other(keys: jax.Array) -> jax.Array:
     return jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
 
 
-def _stack(trees: list[Any]) -> Any:
-    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
-
-
 def _classifier(config: Config, model: nn.Module, budget: Budget, split, keys):
     """Initial variables, report and task functions of a digits configuration."""
     x, y = jnp.asarray(split.x_train), jnp.asarray(split.y_train)
@@ -531,7 +527,7 @@ def measure(
         variables, found, sample, loss_fn, evaluate = _regressor(
             config, model, budget, key_test, init_keys
         )
-    variables = dict(_stack(variables))
+    variables = dict(train.stack(variables))
     params = variables.pop("params")
     if config.optimizer is None:
         tx = optax.adam(budget.learning_rate)

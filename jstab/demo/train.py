@@ -46,6 +46,11 @@ class Run(NamedTuple):
     grad_norm: chex.Array
 
 
+def stack(trees: list[Any]) -> Any:
+    """Trees of one structure stacked leaf by leaf: a new leading axis."""
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
 def fit(
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
@@ -95,7 +100,6 @@ def fit(
         params = optax.apply_updates(params, updates)
         return (params, model_state, opt_state), (loss, jstab.global_norm(grads))
 
-    stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
     if vectorize:
         # One seed's scan over the steps' keys, vmapped over the seeds.
         run_chunk = jax.jit(jax.vmap(lambda c, k: jax.lax.scan(step, c, k)))
