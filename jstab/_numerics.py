@@ -311,13 +311,13 @@ def _rescued(sums, dtype, zero=False):
     runs, under one ``lax.cond``, only when some group needs it.
     """
     s = sums(None)
-    r = [_rescale(sk, dtype, zero) for sk in s]
 
-    def rescue(_):
+    def rescue(s):
+        r = [_rescale(sk, dtype, zero) for sk in s]
         return [jnp.sqrt(tk) / rk for tk, rk in zip(sums(r), r, strict=True)]
 
-    need = jnp.any(stack([rk != 1 for rk in r]))
-    return lax.cond(need, rescue, lambda _: [jnp.sqrt(sk) for sk in s], None)
+    need = jnp.any(_rescale(stack(s), dtype, zero) != 1)
+    return lax.cond(need, rescue, lambda s: [jnp.sqrt(sk) for sk in s], s)
 
 
 def group_norms(
