@@ -38,6 +38,45 @@ def test_the_underflow_limit_and_the_global_norm_beyond_it():
     np.testing.assert_allclose(_numerics.global_norm([x]), _ref([x]), rtol=2e-6)
 
 
+def test_layers_of_one_size_are_reduced_together_and_rescued_each():
+    # 150 one-leaf groups of 8 elements (stacked 64 to a reduction, across
+    # groups), interleaved with groups the stacking leaves out: a leaf of
+    # another size, and groups of several leaves.
+    rng = np.random.default_rng(2)
+    scales = [1.0, 1e30, 3e-19, 0.0, 1e-3]  # 3e-19: squares partly underflow
+    leaves = [
+        jnp.asarray(rng.normal(size=8) * scales[i % 5], jnp.float32) for i in range(150)
+    ]
+    leaves.append(jnp.asarray(rng.normal(size=(3, 3)), jnp.float32))
+    groups = [[i] for i in range(150)]
+    groups[70:70] = [[150], [0, 150], [1, 2]]
+    got = jax.jit(lambda xs: _numerics.group_norms(xs, groups))(leaves)
+    assert got.shape == (len(groups),) and got.dtype == jnp.float32
+    want = [_ref([leaves[i] for i in g]) for g in groups]
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+    top = _numerics.group_norms(leaves, groups, jnp.inf)
+    want = [max(np.max(np.abs(leaves[i])) for i in g) for g in groups]
+    np.testing.assert_array_equal(top, np.asarray(want, np.float32))
+
+
+def test_unstack_is_exact():
+    x = jnp.asarray([-0.0, 0.0, np.nan, -np.inf, 3e-45, -1.5] * 25, jnp.float32)
+    flags = x > 0
+    counts = jnp.arange(150, dtype=jnp.int32)
+    halves = jnp.asarray([-0.0, 1e-39, np.nan, 2.0, -np.inf] * 30, jnp.bfloat16)
+    got = jax.jit(_numerics.unstack)(x, flags, counts, halves)
+    each_x, each_flag, each_count, each_half = got
+    assert len(each_x) == 150 and all(v.shape == () for v in each_x)
+    got = np.asarray(jnp.stack(each_x))
+    np.testing.assert_array_equal(got, np.asarray(x))  # NaN where NaN
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(np.asarray(x)))
+    np.testing.assert_array_equal(jnp.stack(each_flag), flags)
+    np.testing.assert_array_equal(jnp.stack(each_count), counts)
+    bits = np.asarray(jnp.stack(each_half)).view(np.uint16)
+    np.testing.assert_array_equal(bits, np.asarray(halves).view(np.uint16))
+    assert _numerics.unstack() == []
+
+
 def test_infinity_norm_and_traced_ord():
     leaves = [jnp.array([1.0, -7.0]), jnp.array([[3.0, 4.0]])]
     groups = [[0], [1], [0, 1]]

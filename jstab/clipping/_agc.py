@@ -105,25 +105,44 @@ def adaptive_grad_clip(
         leaves, treedef = jax.tree.flatten(updates)
         weights = treedef.flatten_up_to(params)
         axes = [_unit_axes(g, axis) for g in leaves]
-        g_norms = _numerics.unit_norms(leaves, axes)  # an inf norm zeroes its unit
-        w_norms = _numerics.unit_norms(weights, axes)
         dtype = _numerics.accumulation_dtype(leaves)
         lam = _numerics.resolve(clipping, state.count, dtype)
         floor = _numerics.resolve(eps, state.count, dtype)
-        out, n_clipped = [], []
-        for g, gn, wn in zip(leaves, g_norms, w_norms, strict=True):
-            limit = lam * jnp.maximum(wn.astype(dtype), floor)
-            out.append(_numerics.scale(g, _numerics.factor(gn, limit)))
-            n_clipped.append(jnp.sum(gn > limit, dtype=jnp.int32))
-        units = sum(n.size for n in g_norms)
+        out, norms = list(leaves), list(leaves)
+        # Leaves of one unit (biases, scales): their norms as one vector, the
+        # small ones reduced 64 to a kernel (_numerics.group_reduce).
+        single = [i for i, g in enumerate(leaves) if len(axes[i]) == g.ndim]
+        groups = [[i] for i in single]
+        gn, wn = (
+            jnp.sqrt(
+                _numerics.group_reduce(xs, groups, _numerics.accumulation_dtype(xs))
+            )
+            for xs in (leaves, weights)
+        )
+        limit = lam * jnp.maximum(wn.astype(dtype), floor)
+        factors = _numerics.factor(gn, limit)  # an inf norm zeroes its unit
+        n_clipped = [jnp.sum(gn > limit, dtype=jnp.int32)]
+        for i, n, f in zip(single, *_numerics.unstack(gn, factors), strict=True):
+            out[i], norms[i] = _numerics.scale(leaves[i], f), n
+        # Kernels: a norm per output channel, reduced where the leaf is.
+        multi = sorted(set(range(len(leaves))) - set(single))
+        g_units = _numerics.unit_norms(
+            [leaves[i] for i in multi], [axes[i] for i in multi]
+        )
+        w_units = _numerics.unit_norms(
+            [weights[i] for i in multi], [axes[i] for i in multi]
+        )
+        for i, gu, wu in zip(multi, g_units, w_units, strict=True):
+            limit = lam * jnp.maximum(wu.astype(dtype), floor)
+            out[i] = _numerics.scale(
+                leaves[i], _numerics.factor(gu.astype(dtype), limit)
+            )
+            n_clipped.append(jnp.sum(gu > limit, dtype=jnp.int32))
+            norms[i] = jnp.sqrt(jnp.sum(jnp.square(gu.astype(dtype))))
+        units = len(single) + sum(g.size for g in g_units)
         total = jnp.sum(_numerics.stack(n_clipped))
         clipped = total.astype(jnp.float32) / units if units else 0.0
-        # A leaf of one unit (a bias) has its unit's norm: no kernel to run.
-        leaf_norms = [
-            n.reshape(()) if n.size == 1 else jnp.sqrt(jnp.sum(jnp.square(n)))
-            for n in g_norms
-        ]
-        norm = jax.tree.unflatten(treedef, leaf_norms)
+        norm = jax.tree.unflatten(treedef, norms)
         return jax.tree.unflatten(treedef, out), _state.advance(state, norm, clipped)
 
     return optax.GradientTransformation(init_fn, update_fn)

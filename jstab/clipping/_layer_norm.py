@@ -96,17 +96,17 @@ def clip_by_layer_norm(
         del params
         leaves, groups, pack = _layers(updates, per)
         norms = _numerics.group_norms(leaves, groups, ord, axis_name)
-        dtype = _numerics.accumulation_dtype(leaves)
-        threshold = _numerics.resolve(max_norm, state.count, dtype)
+        threshold = _numerics.resolve(max_norm, state.count, norms.dtype)
+        factors = _numerics.factor(norms, threshold)
+        each_norm, each_factor = _numerics.unstack(norms, factors)
         out = list(leaves)
-        for norm, group in zip(norms, groups, strict=True):
-            factor = _numerics.factor(norm, threshold)
+        for factor, group in zip(each_factor, groups, strict=True):
             for i in group:
                 out[i] = _numerics.scale(leaves[i], factor)
-        over = jnp.sum(_numerics.stack(norms) > threshold, dtype=jnp.int32)
+        over = jnp.sum(norms > threshold, dtype=jnp.int32)
         clipped = over.astype(jnp.float32) / len(groups) if groups else 0.0
         treedef = jax.tree.structure(updates)
-        new_state = _state.advance(state, pack(norms), clipped)
+        new_state = _state.advance(state, pack(each_norm), clipped)
         return jax.tree.unflatten(treedef, out), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)

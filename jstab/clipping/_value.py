@@ -76,9 +76,9 @@ def _clip_elements(updates, state: ClipState, lower, upper, symmetric: bool):
     wide = [tuple(b.astype(dtype) for b in bounds[d]) for d in groups]
     index = list(groups.values())
     top = _numerics.group_reduce(leaves, index, dtype, "maxabs")
-    norm = jnp.max(jnp.stack(top)) if top else jnp.zeros((), dtype)
+    norm = jnp.max(top, initial=0)
     # Every element lies in [-top, top]: inside [lo, hi] if that interval is.
-    maybe = [(t > hi) | (-t < lo) for t, (lo, hi) in zip(top, wide, strict=True)]
+    maybe = [(top[k] > hi) | (-top[k] < lo) for k, (lo, hi) in enumerate(wide)]
 
     def count(_):
         if symmetric:  # lower == -upper: the cheaper count of |g| > upper
@@ -87,7 +87,7 @@ def _clip_elements(updates, state: ClipState, lower, upper, symmetric: bool):
             )
         else:
             n = _numerics.group_reduce(leaves, index, dtype, "outside", wide)
-        return sum(n[1:], n[0])
+        return jnp.sum(n)
 
     n_clipped = jnp.zeros((), dtype)
     if maybe:

@@ -7,6 +7,7 @@ from typing import NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jstab import _checks, _numerics
@@ -148,17 +149,16 @@ def monitor_gradients(
         watched = jax.lax.optimization_barrier(leaves)
         groups = [[i] for i in range(len(leaves))]
         norms = _numerics.group_norms(watched, groups, 2, axis_name, zero=True)
-        kernels = [n for n, x in zip(norms, leaves, strict=True) if x.ndim >= 2]
-        stacked = _numerics.stack(norms)
-        nonfinite = _count_nonfinite(watched, stacked, axis_name)
-        total = _combine(stacked)
+        kernels = [i for i, x in enumerate(leaves) if x.ndim >= 2]
+        nonfinite = _count_nonfinite(watched, norms, axis_name)
+        total = _combine(norms)
         exploding = (total > exploding_norm) | (nonfinite > 0)
-        to32 = [n.astype(jnp.float32) for n in norms]
+        (to32,) = _numerics.unstack(norms.astype(jnp.float32))
         new_state = MonitorState(
             layer_norms=jax.tree.unflatten(treedef, to32),
             global_norm=total.astype(jnp.float32),
             nonfinite=nonfinite,
-            vanishing=_vanishing(_numerics.stack(kernels), vanishing_ratio),
+            vanishing=_vanishing(norms[np.asarray(kernels, int)], vanishing_ratio),
             exploding=exploding,
         )
         return updates, new_state
