@@ -74,7 +74,7 @@ def test_unstack_is_exact():
     np.testing.assert_array_equal(jnp.stack(each_count), counts)
     bits = np.asarray(jnp.stack(each_half)).view(np.uint16)
     np.testing.assert_array_equal(bits, np.asarray(halves).view(np.uint16))
-    assert _numerics.unstack() == []
+    assert _numerics.unstack() == [] and _numerics.unstack(jnp.zeros(0)) == [[]]
 
 
 def test_infinity_norm_and_traced_ord():
