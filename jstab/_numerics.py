@@ -19,6 +19,7 @@ the global norm does it.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Sequence
 
@@ -362,7 +363,7 @@ def _unstack(v: chex.Array) -> list[chex.Array]:
     if n == 0:
         return []
     fill = _lowest(v.dtype)
-    w = min(n, STACK)
+    w = min(math.ceil(math.sqrt(n)), STACK)
     c = -(-n // w)
     grid = jnp.pad(v, (0, c * w - n), constant_values=fill).reshape(c, w)
     columns = _pick(grid, _masks(grid.shape, 1), 1, fill)
