@@ -345,11 +345,12 @@ def unstack(*vectors: chex.Array) -> list[list[chex.Array]]:
     distinct (its offset differs) and compiled alone: XLA took 20 s instead
     of 4.5 s to compile a per-layer clip on 500 layers. Here the entries come
     out of variadic reductions, whose kernels XLA compiles once each: ``v``,
-    padded, is laid out as ``(c, w)`` (``w`` = :data:`STACK`), one reduction
-    gives its ``w`` columns, and ``w`` alike give each column's ``c``
-    entries. Each reduces ``select(iota == k, v, fill)`` by keeping what is
-    not ``fill``, the lowest value of the dtype: a select copies bits, so
-    the entries are exact (arithmetic on CPU would flush denormals to 0).
+    padded, is laid out as a ``(c, w)`` grid about ``sqrt(n)`` square (``w``
+    at most :data:`STACK`), one reduction gives its ``w`` columns, and ``w``
+    alike give each column's ``c`` entries. Each reduces
+    ``select(iota == k, v, fill)`` by keeping what is not ``fill``, the
+    lowest value of the dtype: a select copies bits, so the entries are
+    exact (arithmetic on CPU would flush denormals to 0).
     """
     if len({v.dtype for v in vectors}) > 1:
         return [_unstack(v) for v in vectors]
@@ -486,17 +487,20 @@ def global_norm(
 
 
 def unit_norms(
-    leaves: Sequence[chex.Array], axes: Sequence[tuple[int, ...]]
+    leaves: Sequence[chex.Array],
+    axes: Sequence[tuple[int, ...]],
+    dtype: jnp.dtype | None = None,
 ) -> list[chex.Array]:
     """L2 norms of ``leaves[i]`` over ``axes[i]``, keeping dimensions.
 
-    Each result has the rank of its leaf and the accumulation dtype of all
-    leaves. Plain sums of squares, without :func:`group_norms`' rescue:
-    checking every unit of every leaf costs a quarter of an optimizer step on
-    CPU, so callers accept that a unit with elements above ~1e19 (float32) has
-    an infinite norm and one with all elements below ~1e-19 a norm of 0.
+    Each result has the rank of its leaf and ``dtype`` (by default the
+    accumulation dtype of all ``leaves``). Plain sums of squares, without
+    :func:`group_norms`' rescue: checking every unit of every leaf costs a
+    quarter of an optimizer step on CPU, so callers accept that a unit with
+    elements above ~1e19 (float32) has an infinite norm and one with all
+    elements below ~1e-19 a norm of 0.
     """
-    dtype = accumulation_dtype(leaves)
+    dtype = accumulation_dtype(leaves) if dtype is None else dtype
     return [
         jnp.sqrt(jnp.sum(_elements(x, dtype, "sumsq"), axis=a, keepdims=True))
         for x, a in zip(leaves, axes, strict=True)

@@ -108,17 +108,14 @@ def adaptive_grad_clip(
         dtype = _numerics.accumulation_dtype(leaves)
         lam = _numerics.resolve(clipping, state.count, dtype)
         floor = _numerics.resolve(eps, state.count, dtype)
-        out, norms = list(leaves), list(leaves)
+        out, norms = list(leaves), [None] * len(leaves)
         # Leaves of one unit (biases, scales): their norms as one vector, the
         # small ones reduced 64 to a kernel (_numerics.group_reduce).
         single = [i for i, g in enumerate(leaves) if len(axes[i]) == g.ndim]
         groups = [[i] for i in single]
-        gn, wn = (
-            jnp.sqrt(
-                _numerics.group_reduce(xs, groups, _numerics.accumulation_dtype(xs))
-            )
-            for xs in (leaves, weights)
-        )
+        w_dtype = _numerics.accumulation_dtype(weights)
+        gn = jnp.sqrt(_numerics.group_reduce(leaves, groups, dtype))
+        wn = jnp.sqrt(_numerics.group_reduce(weights, groups, w_dtype))
         limit = lam * jnp.maximum(wn.astype(dtype), floor)
         factors = _numerics.factor(gn, limit)  # an inf norm zeroes its unit
         n_clipped = [jnp.sum(gn > limit, dtype=jnp.int32)]
@@ -126,19 +123,16 @@ def adaptive_grad_clip(
             out[i], norms[i] = _numerics.scale(leaves[i], f), n
         # Kernels: a norm per output channel, reduced where the leaf is.
         multi = sorted(set(range(len(leaves))) - set(single))
-        g_units = _numerics.unit_norms(
-            [leaves[i] for i in multi], [axes[i] for i in multi]
-        )
-        w_units = _numerics.unit_norms(
-            [weights[i] for i in multi], [axes[i] for i in multi]
-        )
+        m_axes = [axes[i] for i in multi]
+        g_units = _numerics.unit_norms([leaves[i] for i in multi], m_axes, dtype)
+        w_units = _numerics.unit_norms([weights[i] for i in multi], m_axes, w_dtype)
         for i, gu, wu in zip(multi, g_units, w_units, strict=True):
             limit = lam * jnp.maximum(wu.astype(dtype), floor)
-            out[i] = _numerics.scale(
-                leaves[i], _numerics.factor(gu.astype(dtype), limit)
-            )
+            out[i] = _numerics.scale(leaves[i], _numerics.factor(gu, limit))
             n_clipped.append(jnp.sum(gu > limit, dtype=jnp.int32))
-            norms[i] = jnp.sqrt(jnp.sum(jnp.square(gu.astype(dtype))))
+            # A leaf of one unit (a (k, 1) kernel) has its unit's norm.
+            whole = jnp.sqrt(jnp.sum(jnp.square(gu))) if gu.size > 1 else None
+            norms[i] = gu.reshape(()) if whole is None else whole
         units = len(single) + sum(g.size for g in g_units)
         total = jnp.sum(_numerics.stack(n_clipped))
         clipped = total.astype(jnp.float32) / units if units else 0.0
