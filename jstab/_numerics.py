@@ -160,34 +160,14 @@ STACK = 64
 def _elements(x: chex.Array, dtype: jnp.dtype, kind: str, r=None) -> chex.Array:
     """What ``kind`` reduces, in ``dtype``.
 
-    ``"maxabs"``: ``|x|``; ``"sumsq"``: ``(x * r)**2``; ``"above"``: 1 where
-    ``|x| > r``, else 0; ``"outside"``, with ``r = (lo, hi)``: 1 where
-    ``x < lo`` or ``x > hi``, else 0; ``"nonfinite"``: 1 where ``x`` is NaN
-    or infinite, else 0 (``dtype`` may be an integer type).
-
-    A difference of two floats is positive exactly when the first is larger
-    (gradual underflow; with denormals flushed, unless the bound is below
-    ~1e-31 in float32), and ``sign`` of a non-negative value vectorizes on
-    CPU where a comparison converted to a number does not (10x slower in
-    YNNPACK).
+    ``"maxabs"``: ``|x|``; ``"sumsq"``: ``(x * r)**2``; ``"nonfinite"``: 1
+    where ``x`` is NaN or infinite, else 0 (``dtype`` may be an integer type).
     """
     if kind == "nonfinite":
         return (~jnp.isfinite(x)).astype(dtype)
     x = x.astype(dtype)
     if kind == "maxabs":
         return jnp.abs(x)
-    if kind in ("above", "outside"):
-        lo, hi = (None, r) if kind == "above" else r
-        zero = jnp.zeros((), dtype)
-        # XLA would share one broadcast of each bound among all the arrays of
-        # a shape, and its CPU backend then writes that broadcast out and
-        # reads it in every count: three reads instead of one (clip_by_value
-        # at 2.0x an Adam step instead of 1.5x). The barrier makes the
-        # bounds this array's own.
-        x, lo, hi, zero = lax.optimization_barrier((x, lo, hi, zero))
-        # The abs form is cheaper than the general one (1.5x against 1.7x).
-        excess = jnp.abs(x) - hi if lo is None else jnp.maximum(x - hi, lo - x)
-        return jnp.sign(jnp.maximum(excess, zero))
     return jnp.square(x if r is None else x * r)
 
 
@@ -211,7 +191,7 @@ def _rows(leaves, index, size, dtype, kind, r=None) -> chex.Array:
     return _reduce(_elements(rows, dtype, kind, r), kind, axis=1)
 
 
-def _batchable(x: chex.Array) -> bool:
+def batchable(x: chex.Array) -> bool:
     """Whether ``x`` is small and not split by an explicit sharding.
 
     Under ``jax.sharding.AxisType.Explicit`` a split leaf cannot be reshaped
@@ -223,7 +203,7 @@ def _batchable(x: chex.Array) -> bool:
     return all(axis is None for axis in spec)
 
 
-def _same_size(items, size_of) -> dict[int, list]:
+def same_size(items, size_of) -> dict[int, list]:
     """``items`` by ``size_of(item)``, keeping the sizes that several share."""
     sizes: dict[int, list] = {}
     for item in items:
@@ -238,8 +218,8 @@ def _group(leaves, group, dtype, kind, r) -> chex.Array:
     shape; small ones of one size are stacked (:func:`_rows`), so that a
     group costs a few reductions however many leaves it has.
     """
-    small = [i for i in group if _batchable(leaves[i])]
-    sizes = _same_size(small, lambda i: leaves[i].size)
+    small = [i for i in group if batchable(leaves[i])]
+    sizes = same_size(small, lambda i: leaves[i].size)
     stacked = {i for index in sizes.values() for i in index}
     parts = [
         _reduce(_elements(leaves[i], dtype, kind, r), kind)
@@ -269,37 +249,31 @@ def group_reduce(
     groups: Sequence[Sequence[int]],
     dtype: jnp.dtype,
     kind: str = "sumsq",
-    r: chex.Array | Sequence | None = None,
+    r: chex.Array | None = None,
 ) -> chex.Array:
     """Per group of leaves, a sum of squares, a max ``|x|`` or a count.
 
     ``groups[k]`` lists the indices of the leaves of group ``k``. ``kind`` is
     one of :func:`_elements`' kinds: ``"sumsq"`` (``r[k]``, if given,
-    multiplies group ``k``'s elements before squaring), ``"maxabs"``,
-    ``"above"`` (the number of elements with ``|x| > r[k]``), ``"outside"``
-    (``r[k] = (lo, hi)``: the number outside ``[lo, hi]``) or
+    multiplies group ``k``'s elements before squaring), ``"maxabs"`` or
     ``"nonfinite"`` (the number of NaN and infinite elements, counted
-    exactly with an integer ``dtype``); bounds are of ``dtype``. The result
+    exactly with an integer ``dtype``). The result
     is a vector of ``dtype``, one entry per group (0 for a group without
     elements).
 
     Compile time, not run time, decides how leaves are reduced. XLA's CPU
     backend compiles each distinct kernel (~8 ms), and its passes take time
     growing with the number of instructions. So the reductions are stacked:
-    the small leaves of a group, by size (:func:`_group`), and, where ``r`` is
-    ``None`` or a vector, the groups of one small leaf (a per-layer rule), by
-    size across groups: 64 layers cost one reduction and give 64 entries of
-    the result (see :data:`SMALL_LEAF`).
+    the small leaves of a group, by size (:func:`_group`), and the groups of
+    one small leaf (a per-layer rule), by size across groups: 64 layers cost
+    one reduction and give 64 entries of the result (see :data:`SMALL_LEAF`).
     """
     if not groups:
         return jnp.zeros((0,), dtype)
-    vector = r is None or isinstance(r, jax.Array)
     single = [
-        k
-        for k, g in enumerate(groups)
-        if vector and len(g) == 1 and _batchable(leaves[g[0]])
+        k for k, g in enumerate(groups) if len(g) == 1 and batchable(leaves[g[0]])
     ]
-    sizes = _same_size(single, lambda k: leaves[groups[k][0]].size)
+    sizes = same_size(single, lambda k: leaves[groups[k][0]].size)
     order, parts = [], []
     for size, ks in sizes.items():
         for j in range(0, len(ks), STACK):

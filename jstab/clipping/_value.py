@@ -53,49 +53,80 @@ def _bound(value, count, dtype):
     return static if static is not None else _numerics.resolve(value, count, dtype)
 
 
+def _max_add(a, b):
+    return jnp.maximum(a[0], b[0]), a[1] + b[1]
+
+
+def _statistics(x, lo, hi, dtype, axis=None):
+    """The largest ``|x|`` and the number of elements outside ``[lo, hi]``.
+
+    One variadic reduction, one read of ``x``: on XLA's CPU it runs at the
+    speed of the count alone, which a pass for the maximum then doubled
+    (25.6M float32 elements: 6.0 ms against 3.6 + 6.4 ms), and the count is
+    an exact int32. ``lo is None`` counts ``|x| > hi``, the symmetric case.
+    ``axis`` (default: all) is the axis reduced.
+    """
+    zero = jnp.zeros((), dtype)
+    # XLA would share one broadcast of each bound among all the arrays of a
+    # shape, and its CPU backend then writes that broadcast out and reads it
+    # in every reduction. The barrier makes the bounds this array's own.
+    x, lo, hi = jax.lax.optimization_barrier((x.astype(dtype), lo, hi))
+    mag = jnp.abs(x)
+    out = mag > hi if lo is None else (x < lo) | (x > hi)
+    axes = tuple(range(x.ndim)) if axis is None else (axis,)
+    return jax.lax.reduce(
+        (mag, out.astype(jnp.int32)), (zero, jnp.int32(0)), _max_add, axes
+    )
+
+
+def _group_statistics(leaves, lo, hi, dtype):
+    """:func:`_statistics` over ``leaves``: the largest ``|x|`` and a count.
+
+    Small leaves of one size are stacked, :data:`_numerics.STACK` to a
+    reduction, so that a tree of many small leaves compiles few kernels. The
+    count is combined across reductions in float32 (it feeds a fraction), so
+    that no total overflows an int32.
+    """
+    small = [i for i, x in enumerate(leaves) if _numerics.batchable(x)]
+    sizes = _numerics.same_size(small, lambda i: leaves[i].size)
+    stacked = {i for index in sizes.values() for i in index}
+    parts = [
+        _statistics(x, lo, hi, dtype) for i, x in enumerate(leaves) if i not in stacked
+    ]
+    for size, index in sizes.items():
+        for j in range(0, len(index), _numerics.STACK):
+            rows = [leaves[i].reshape(1, size) for i in index[j : j + _numerics.STACK]]
+            parts.append(_statistics(jnp.concatenate(rows), lo, hi, dtype, axis=1))
+    tops = jnp.concatenate([jnp.ravel(top) for top, _ in parts])
+    counts = jnp.concatenate([jnp.ravel(n) for _, n in parts])
+    return jnp.max(tops, initial=0), jnp.sum(counts.astype(jnp.float32))
+
+
 def _clip_elements(updates, state: ClipState, lower, upper, symmetric: bool):
     """Clips every element to [lower, upper] and records what it did.
 
-    The statistics cost one read of the gradient: the largest ``|g|``, which
-    is ``norm`` and says whether anything can lie outside the bounds; only
-    then, under a ``lax.cond``, a second read counts what does. Leaves are
-    grouped by dtype, each group with its own rounding of the bounds, and
-    small leaves are reduced stacked (:func:`_numerics.group_reduce`).
+    The statistics, the largest ``|g|`` (``norm``) and the number of elements
+    clipped, cost one read of the gradient (:func:`_statistics`). Leaves are
+    grouped by dtype, each group with its own rounding of the bounds.
     """
     leaves, treedef = jax.tree.flatten(updates)
-    groups: dict[jnp.dtype, list[int]] = {}
-    for i, x in enumerate(leaves):
+    groups: dict[jnp.dtype, list[chex.Array]] = {}
+    for x in leaves:
         if x.size:
-            groups.setdefault(x.dtype, []).append(i)
+            groups.setdefault(x.dtype, []).append(x)
     bounds = {
         dtype: (_inward(lower, dtype, math.inf), _inward(upper, dtype, -math.inf))
         for dtype in {x.dtype for x in leaves}
     }
     out = [jnp.clip(x, *bounds[x.dtype]) for x in leaves]
     dtype = _numerics.accumulation_dtype(leaves)
-    wide = [tuple(b.astype(dtype) for b in bounds[d]) for d in groups]
-    index = list(groups.values())
-    top = _numerics.group_reduce(leaves, index, dtype, "maxabs")
-    norm = jnp.max(top, initial=0)
-    # Every element lies in [-top, top]: inside [lo, hi] if that interval is.
-    maybe = [(top[k] > hi) | (-top[k] < lo) for k, (lo, hi) in enumerate(wide)]
-
-    def count(_):
-        if symmetric:  # lower == -upper: the cheaper count of |g| > upper
-            n = _numerics.group_reduce(
-                leaves, index, dtype, "above", [hi for _, hi in wide]
-            )
-        else:
-            n = _numerics.group_reduce(leaves, index, dtype, "outside", wide)
-        return jnp.sum(n)
-
-    n_clipped = jnp.zeros((), dtype)
-    if maybe:
-        n_clipped = jax.lax.cond(
-            jnp.any(jnp.stack(maybe)), count, lambda _: n_clipped, None
-        )
+    norm, n_clipped = jnp.zeros((), dtype), jnp.zeros((), jnp.float32)
+    for leaf_dtype, group in groups.items():
+        lo, hi = (b.astype(dtype) for b in bounds[leaf_dtype])
+        top, n = _group_statistics(group, None if symmetric else lo, hi, dtype)
+        norm, n_clipped = jnp.maximum(norm, top), n_clipped + n
     size = max(sum(x.size for x in leaves), 1)
-    fraction = n_clipped.astype(jnp.float32) / size
+    fraction = n_clipped / size
     return jax.tree.unflatten(treedef, out), _state.advance(state, norm, fraction)
 
 

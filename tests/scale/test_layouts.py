@@ -157,10 +157,13 @@ TRAIN = COMMON + textwrap.dedent(
                     for k, sharding in shardings.items():
                         assert tree[k].sharding.is_equivalent_to(sharding, 2), (
                             name, k, tree[k].sharding)
-                # Norms are combined as partial sums: all-reduces of scalars
-                # or of one value per unit (AGC's), never a kernel moved.
+                # Norms are combined as partial results: all-reduces of
+                # scalars or of one value per unit (AGC's), or, for the value
+                # rules' variadic reduction, an all-gather of one maximum and
+                # one count per device; never a kernel moved.
                 ops = list(collectives(hlo))
-                assert all(op == "all-reduce" and n <= UNITS for op, n in ops), (
+                assert all(n <= UNITS for _, n in ops), (name, axis_type, ops)
+                assert name == "value" or all(op == "all-reduce" for op, _ in ops), (
                     name, axis_type, ops)
                 if LAYOUT != "dp" and name == "global_norm":
                     assert ops, hlo
