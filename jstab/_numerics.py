@@ -211,26 +211,34 @@ def same_size(items, size_of) -> dict[int, list]:
     return {size: same for size, same in sizes.items() if len(same) > 1}
 
 
-def _group(leaves, group, dtype, kind, r) -> chex.Array:
-    """The reduction of all of ``leaves[i]``, ``i`` in ``group``: a scalar.
+def batches(
+    leaves: Sequence[chex.Array], index: Sequence[int]
+) -> tuple[list[int], dict[int, list[list[int]]]]:
+    """How to reduce ``leaves[i]``, ``i`` in ``index``, in few kernels.
 
-    A big leaf is reduced alone, by a kernel shared with the leaves of its
-    shape; small ones of one size are stacked (:func:`_rows`), so that a
-    group costs a few reductions however many leaves it has.
+    Returns the leaves to reduce alone (big ones, by a kernel shared with
+    the leaves of their shape, and those whose size no other shares), and
+    by size the others, in stacks of at most :data:`STACK` (one ``(k,
+    size)`` array each, reduced along its rows), so that a group costs a few
+    reductions however many leaves it has.
     """
-    small = [i for i in group if batchable(leaves[i])]
+    small = [i for i in index if batchable(leaves[i])]
     sizes = same_size(small, lambda i: leaves[i].size)
-    stacked = {i for index in sizes.values() for i in index}
-    parts = [
-        _reduce(_elements(leaves[i], dtype, kind, r), kind)
-        for i in group
-        if i not in stacked
-    ]
-    for size, index in sizes.items():
-        rows = [
-            _rows(leaves, index[j : j + STACK], size, dtype, kind, r)
-            for j in range(0, len(index), STACK)
-        ]
+    stacked = {i for same in sizes.values() for i in same}
+    stacks = {
+        size: [same[j : j + STACK] for j in range(0, len(same), STACK)]
+        for size, same in sizes.items()
+    }
+    return [i for i in index if i not in stacked], stacks
+
+
+def _group(leaves, group, dtype, kind, r) -> chex.Array:
+    """The reduction of all of ``leaves[i]``, ``i`` in ``group``: a scalar,
+    by the kernels :func:`batches` plans."""
+    alone, stacks = batches(leaves, group)
+    parts = [_reduce(_elements(leaves[i], dtype, kind, r), kind) for i in alone]
+    for size, chunks in stacks.items():
+        rows = [_rows(leaves, chunk, size, dtype, kind, r) for chunk in chunks]
         parts.append(_reduce(jnp.concatenate(rows), kind))
     if not parts:
         return jnp.zeros((), dtype)

@@ -82,21 +82,17 @@ def _statistics(x, lo, hi, dtype, axis=None):
 def _group_statistics(leaves, lo, hi, dtype):
     """:func:`_statistics` over ``leaves``: the largest ``|x|`` and a count.
 
-    Small leaves of one size are stacked, :data:`_numerics.STACK` to a
-    reduction, so that a tree of many small leaves compiles few kernels. The
-    count is combined across reductions in float32 (it feeds a fraction), so
-    that no total overflows an int32.
+    Small leaves of one size are stacked (:func:`_numerics.batches`), so that
+    a tree of many small leaves compiles few kernels. The count is combined
+    across reductions in float32 (it feeds a fraction), so that no total
+    overflows an int32.
     """
-    small = [i for i, x in enumerate(leaves) if _numerics.batchable(x)]
-    sizes = _numerics.same_size(small, lambda i: leaves[i].size)
-    stacked = {i for index in sizes.values() for i in index}
-    parts = [
-        _statistics(x, lo, hi, dtype) for i, x in enumerate(leaves) if i not in stacked
-    ]
-    for size, index in sizes.items():
-        for j in range(0, len(index), _numerics.STACK):
-            rows = [leaves[i].reshape(1, size) for i in index[j : j + _numerics.STACK]]
-            parts.append(_statistics(jnp.concatenate(rows), lo, hi, dtype, axis=1))
+    alone, stacks = _numerics.batches(leaves, range(len(leaves)))
+    parts = [_statistics(leaves[i], lo, hi, dtype) for i in alone]
+    for size, chunks in stacks.items():
+        for chunk in chunks:
+            rows = jnp.concatenate([leaves[i].reshape(1, size) for i in chunk])
+            parts.append(_statistics(rows, lo, hi, dtype, axis=1))
     tops = jnp.concatenate([jnp.ravel(top) for top, _ in parts])
     counts = jnp.concatenate([jnp.ravel(n) for _, n in parts])
     return jnp.max(tops, initial=0), jnp.sum(counts.astype(jnp.float32))
