@@ -191,7 +191,7 @@ def _rows(leaves, index, size, dtype, kind, r=None) -> chex.Array:
     return _reduce(_elements(rows, dtype, kind, r), kind, axis=1)
 
 
-def batchable(x: chex.Array) -> bool:
+def _batchable(x: chex.Array) -> bool:
     """Whether ``x`` is small and not split by an explicit sharding.
 
     Under ``jax.sharding.AxisType.Explicit`` a split leaf cannot be reshaped
@@ -203,7 +203,7 @@ def batchable(x: chex.Array) -> bool:
     return all(axis is None for axis in spec)
 
 
-def same_size(items, size_of) -> dict[int, list]:
+def _same_size(items, size_of) -> dict[int, list]:
     """``items`` by ``size_of(item)``, keeping the sizes that several share."""
     sizes: dict[int, list] = {}
     for item in items:
@@ -212,18 +212,18 @@ def same_size(items, size_of) -> dict[int, list]:
 
 
 def batches(
-    leaves: Sequence[chex.Array], index: Sequence[int]
+    index: Sequence[int], leaf: Callable[[int], chex.Array]
 ) -> tuple[list[int], dict[int, list[list[int]]]]:
-    """How to reduce ``leaves[i]``, ``i`` in ``index``, in few kernels.
+    """How to reduce the arrays ``leaf(i)``, ``i`` in ``index``, in few kernels.
 
-    Returns the leaves to reduce alone (big ones, by a kernel shared with
-    the leaves of their shape, and those whose size no other shares), and
+    Returns the ``i`` to reduce alone (big arrays, by a kernel shared with
+    the arrays of their shape, and those whose size no other shares), and
     by size the others, in stacks of at most :data:`STACK` (one ``(k,
-    size)`` array each, reduced along its rows), so that a group costs a few
-    reductions however many leaves it has.
+    size)`` array each, reduced along its rows), so that many leaves cost a
+    few reductions.
     """
-    small = [i for i in index if batchable(leaves[i])]
-    sizes = same_size(small, lambda i: leaves[i].size)
+    small = [i for i in index if _batchable(leaf(i))]
+    sizes = _same_size(small, lambda i: leaf(i).size)
     stacked = {i for same in sizes.values() for i in same}
     stacks = {
         size: [same[j : j + STACK] for j in range(0, len(same), STACK)]
@@ -235,7 +235,7 @@ def batches(
 def _group(leaves, group, dtype, kind, r) -> chex.Array:
     """The reduction of all of ``leaves[i]``, ``i`` in ``group``: a scalar,
     by the kernels :func:`batches` plans."""
-    alone, stacks = batches(leaves, group)
+    alone, stacks = batches(group, leaves.__getitem__)
     parts = [_reduce(_elements(leaves[i], dtype, kind, r), kind) for i in alone]
     for size, chunks in stacks.items():
         rows = [_rows(leaves, chunk, size, dtype, kind, r) for chunk in chunks]
@@ -278,14 +278,11 @@ def group_reduce(
     """
     if not groups:
         return jnp.zeros((0,), dtype)
-    single = [
-        k for k, g in enumerate(groups) if len(g) == 1 and batchable(leaves[g[0]])
-    ]
-    sizes = same_size(single, lambda k: leaves[groups[k][0]].size)
+    single = [k for k, g in enumerate(groups) if len(g) == 1]
+    _, stacks = batches(single, lambda k: leaves[groups[k][0]])
     order, parts = [], []
-    for size, ks in sizes.items():
-        for j in range(0, len(ks), STACK):
-            chunk = ks[j : j + STACK]
+    for size, chunks in stacks.items():
+        for chunk in chunks:
             index = [groups[k][0] for k in chunk]
             rk = None if r is None else _take(r, chunk)[:, None]
             parts.append(_rows(leaves, index, size, dtype, kind, rk))

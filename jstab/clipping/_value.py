@@ -87,7 +87,7 @@ def _group_statistics(leaves, lo, hi, dtype):
     across reductions in float32 (it feeds a fraction), so that no total
     overflows an int32.
     """
-    alone, stacks = _numerics.batches(leaves, range(len(leaves)))
+    alone, stacks = _numerics.batches(range(len(leaves)), leaves.__getitem__)
     parts = [_statistics(leaves[i], lo, hi, dtype) for i in alone]
     for size, chunks in stacks.items():
         for chunk in chunks:
