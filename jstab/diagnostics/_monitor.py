@@ -52,6 +52,12 @@ def _combine(norms: chex.Array) -> chex.Array:
     return jnp.where(ok, top * jnp.sqrt(jnp.sum(unit * unit)), top)
 
 
+#: Float32 counts the NaN and infinite elements of a leaf of at most this
+#: many exactly: every partial sum of the zeros and ones is an integer no
+#: greater than 2**24.
+_EXACT = 1 << 24
+
+
 def _count_nonfinite(
     leaves: list[chex.Array], norms: chex.Array, axis_name: AxisName
 ) -> chex.Array:
@@ -67,8 +73,17 @@ def _count_nonfinite(
         return zero
 
     def count():
-        everything = [range(len(leaves))]
-        n = _numerics.group_reduce(leaves, everything, jnp.int32, "nonfinite")[0]
+        # Each leaf's count in float32, exact (see _EXACT), then their sum in
+        # int32. XLA's CPU backend compiles integer reductions slowly: on the
+        # ResNet-50 tree, a monitor with Adam compiled in 4.36 s with one
+        # int32 count of all leaves, 3.68 s with these, 3.00 s without
+        # counting (Adam alone: 1.76 s; min of 5).
+        each = [[i] for i, x in enumerate(leaves) if x.size <= _EXACT]
+        big = [i for i, x in enumerate(leaves) if x.size > _EXACT]
+        counts = _numerics.group_reduce(leaves, each, jnp.float32, "nonfinite")
+        n = jnp.sum(counts.astype(jnp.int32))
+        if big:
+            n += _numerics.group_reduce(leaves, [big], jnp.int32, "nonfinite")[0]
         return n if axis_name is None else jax.lax.psum(n, axis_name)
 
     return jax.lax.cond(jnp.any(~jnp.isfinite(norms)), count, lambda: zero)

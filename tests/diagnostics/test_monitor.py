@@ -122,6 +122,20 @@ class MonitorTest(chex.TestCase):
         self.assertFalse(bool(state.vanishing))  # non-finite norms are skipped
         self.assertTrue(np.isnan(float(state.global_norm)))
 
+    def test_nonfinite_count_is_exact_past_float32_integers(self):
+        # Leaves of up to 2**24 elements are counted in float32, bigger ones
+        # in int32: 2**24 + 1 and 2**24 bad elements, and 2**25 + 2 in all,
+        # would each be off by one if a float32 sum had rounded.
+        n = 1 << 24
+        g = {
+            "big": jnp.full((n + 1,), jnp.nan, jnp.float32),
+            "edge": jnp.full((n // 64, 64), -jnp.inf, jnp.float32),
+            "small": jnp.array([1.0, jnp.inf, 2.0], jnp.float32),
+        }
+        tx = jstab.monitor_gradients()
+        _, state = jax.jit(tx.update)(g, tx.init(g))
+        self.assertEqual(int(state.nonfinite), 2 * n + 2)
+
     @parameterized.parameters(jnp.bfloat16, jnp.float16)
     def test_half_precision_is_accumulated_in_float32(self, dtype):
         # 300**2 overflows float16: the norm must not.
