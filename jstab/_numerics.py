@@ -264,8 +264,9 @@ def group_reduce(
     ``groups[k]`` lists the indices of the leaves of group ``k``. ``kind`` is
     one of :func:`_elements`' kinds: ``"sumsq"`` (``r[k]``, if given,
     multiplies group ``k``'s elements before squaring), ``"maxabs"`` or
-    ``"nonfinite"`` (the number of NaN and infinite elements, counted
-    exactly with an integer ``dtype``). The result
+    ``"nonfinite"`` (the number of NaN and infinite elements, exact with
+    an integer ``dtype``, or with float32 for groups of at most 2**24
+    elements, as ``monitor_gradients`` counts). The result
     is a vector of ``dtype``, one entry per group (0 for a group without
     elements).
 
