@@ -157,6 +157,12 @@ def _bench(args: argparse.Namespace) -> int:
             bar.set_description(label)
             started.append(label)
 
+    # Compile times must be compiles: with JAX's persistent compilation
+    # cache on (for this user, or this machine), a step found there would be
+    # loaded instead, also when the variants of one run lower alike.
+    import jax
+
+    jax.config.update("jax_enable_compilation_cache", False)
     tables = bench.run(
         trees,
         optimizer=args.optimizer,

@@ -6,6 +6,7 @@ nothing. The tests check what the benchmark computes and reports.
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -148,6 +149,8 @@ def test_quick_bench_writes_a_complete_record(tmp_path):
     record = json.loads(out.read_text())
     machine = record["machine"]
     assert machine["backend"] == jax.default_backend() and machine["cpu_cores"] >= 1
+    # The tests share a compilation cache (conftest); the CLI compiles anew.
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"] and not machine["compilation_cache"]
     tables = record["tables"]
     assert [t["name"] for t in tables] == ["resnet", "transformer", "tiny", "mlp"]
     assert [t["step"] for t in tables] == ["optimizer"] * 3 + ["training"]

@@ -145,7 +145,10 @@ def optimizer_step(
     Each variant's step is jit-compiled with the parameters and optimizer
     state donated, compiled apart (its time is reported, not counted), run
     ``warmup`` times, then timed ``repeats`` times alternating with the bare
-    optimizer's step (see :mod:`jstab.bench.timing`).
+    optimizer's step (see :mod:`jstab.bench.timing`). With JAX's persistent
+    compilation cache on, a step found in it is loaded, not compiled, and
+    its compile time is the load's: ``jstab bench`` turns the cache off, and
+    :func:`machine` records the cache's directory.
 
     Args:
       params: any tree of float arrays, on any device or sharding.

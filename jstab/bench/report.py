@@ -93,6 +93,12 @@ def machine() -> dict[str, object]:
         "cpu_cores": os.cpu_count(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        # Set, compile times of the steps found in it are load times.
+        "compilation_cache": (
+            jax.config.jax_compilation_cache_dir
+            if jax.config.jax_enable_compilation_cache
+            else None
+        ),
     }
 
 
