@@ -11,8 +11,8 @@ tolerance of the suite. Benchmarks never run under this setting. Set
 JSTAB_TEST_XLA_OPT=1 to keep XLA's defaults.
 
 The test processes (pytest-xdist's workers, the scripts run on eight
-devices, the notebooks' kernels, the CLI runs) also compile many of the same
-programs: one-device references, the demo's models, the bench's steps. They
+devices, the notebooks' kernels, `jstab demo`) also compile many of the same
+programs: one-device references, the demo's and the notebooks' models. They
 share them through JAX's persistent compilation cache, in a directory made
 for this run and removed at its end (set JAX_COMPILATION_CACHE_DIR to choose
 one). On the 2-core machine the whole suite took 399 s without it and 332 s
