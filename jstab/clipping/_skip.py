@@ -72,9 +72,12 @@ def skip_on_spike(
 
     Like ``optax.apply_if_finite``, with thresholds on the norm, and with
     updates of zero rather than of the inner transformation on a bad step.
-    Both branches are computed and one is selected (no host synchronisation,
-    no recompilation); put the wrapper around the whole optimizer so that
-    nothing inside sees a skipped gradient.
+    ``inner`` runs under ``jax.lax.cond``, on accepted steps only (no host
+    synchronisation, no recompilation). Selecting between its new state and
+    the old one instead would make XLA copy every donated moment buffer at
+    every step (ResNet-50 tree on 2 CPU cores: 3.5 against 2.1 times Adam's
+    step). Put the wrapper around the whole optimizer so that nothing inside
+    sees a skipped gradient.
 
     Args:
       inner: the transformation to protect, e.g. ``optax.adam(1e-3)``.
@@ -143,14 +146,24 @@ def skip_on_spike(
             z, _ = _running.zscore(norm, moments, _Z_EPS)
             spike = z > jnp.asarray(z_thresh).astype(jnp.float32)
             skip = skip | (_running.ready(moments, warmup_steps) & spike)
-        inner_updates, inner_state = inner.update(
-            updates, state.inner_state, params, **extra_args
-        )
-        out = jax.tree.map(
-            lambda u: jnp.where(skip, jnp.zeros_like(u), u), inner_updates
-        )
-        inner_state = jax.tree.map(
-            lambda new, old: jnp.where(skip, old, new), inner_state, state.inner_state
+
+        def accept(operands):
+            updates, inner_state, params = operands
+            return inner.update(updates, inner_state, params, **extra_args)
+
+        def reject(operands):
+            # Zeros and the old state, typed as ``inner`` returns them (its
+            # dtypes, and inside ``shard_map`` the mesh axes they vary over).
+            # Only the types of ``accept``'s results are used: XLA drops the
+            # work.
+            updates, inner_state = accept(operands)
+            kept = jax.tree.map(
+                lambda old, new: old.astype(new.dtype), operands[1], inner_state
+            )
+            return jax.tree.map(jnp.zeros_like, updates), kept
+
+        out, inner_state = jax.lax.cond(
+            ~skip, accept, reject, (updates, state.inner_state, params)
         )
         moments = _running.observe(moments, norm, ~skip, alpha, warmup_steps)
         new = SkipState(

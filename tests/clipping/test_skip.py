@@ -112,6 +112,25 @@ class SkipOnSpikeTest(chex.TestCase):
             out, state = tx.update(jax.tree.map(lambda x, s=scale: x * s, g), state)
             chex.assert_trees_all_equal_dtypes(out, g)
 
+    def test_skipped_step_is_typed_like_inner(self):
+        # An inner transformation that returns float32 updates for bfloat16
+        # gradients: a skipped step's zeros are float32 too.
+        widen = optax.GradientTransformation(
+            lambda p: optax.EmptyState(),
+            lambda u, s, p=None: (jax.tree.map(lambda x: x.astype(jnp.float32), u), s),
+        )
+        tx = jstab.skip_on_spike(optax.chain(optax.sgd(1.0), widen), max_norm=1.0)
+        g = {"w": jnp.ones(3, jnp.bfloat16)}
+        state = tx.init(g)
+        step = jax.jit(tx.update)
+        for scale, skipped in ((0.1, False), (10.0, True)):
+            grad = jax.tree.map(lambda x, s=scale: x * s, g)
+            out, state = step(grad, state)
+            assert bool(state.skipped) == skipped
+            assert out["w"].dtype == jnp.float32
+            want = 0.0 if skipped else -grad["w"].astype(jnp.float32)
+            np.testing.assert_array_equal(out["w"], want)
+
     def test_warmup_counts_accepted_steps_only(self):
         tx = jstab.skip_on_spike(
             optax.sgd(1.0), max_norm=5.0, z_thresh=1.0, warmup_steps=3
