@@ -185,7 +185,8 @@ def _bench(args: argparse.Namespace) -> int:
     print(
         "ratio: median over pairs of (variant time / bare optimizer time), "
         "[min, max]; floor: the ratio a memory-bound step cannot beat; ×: "
-        "compile time over the bare optimizer's\n"
+        "compile time over the bare optimizer's; faults: minor page faults "
+        "per step (pages of fresh memory its temporaries touched)\n"
     )
     for table in tables:
         print(bench.format_table(table), end="\n\n")

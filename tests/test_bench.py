@@ -60,6 +60,7 @@ class _Clock:
 
     def __init__(self, name, durations, log):
         self.name, self.durations, self.log, self.times = name, durations, log, []
+        self.faults, self.last_faults = [], None
 
     def __call__(self):
         self.log.append(self.name)
@@ -89,6 +90,24 @@ def test_compiled_steps_feed_their_donated_outputs_back():
     np.testing.assert_array_equal(params, [-2.0, -2.0, -2.0])
     assert int(count) == 3 and float(grads[0]) == 1.0
     assert run.compile_s > 0 and run.fusions() >= 1
+
+
+@pytest.mark.skipif(timing.resource is None, reason="no page-fault counter here")
+def test_page_faults_count_the_fresh_memory_a_step_writes():
+    # The same step, writing a 64 MB result to new memory at every call, or
+    # in place over its donated input.
+    x = jnp.ones(2**24)
+    fresh = timing.Compiled(lambda x: (x * 2,), (x,), ())
+    in_place = timing.Compiled(lambda x: (x * 2,), (x,), (0,))
+    for _ in range(3):
+        fresh(), in_place()
+    pages = x.nbytes // timing.resource.getpagesize()
+    assert fresh.last_faults > pages // 2, (fresh.last_faults, pages)
+    assert in_place.last_faults < pages // 10, (in_place.last_faults, pages)
+    ratios = timing.paired(in_place, fresh, repeats=2, warmup=0)
+    assert len(fresh.faults) == len(in_place.faults) == len(ratios) == 2
+    row = timing.summarize("fresh", fresh, ratios, 1.0, None, False)
+    assert row.faults == np.median(fresh.faults) > pages // 2
 
 
 def test_optimizer_step_times_a_user_tree_and_user_variants():
@@ -166,6 +185,8 @@ def test_quick_bench_writes_a_complete_record(tmp_path):
             assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
             assert row["min_ms"] <= row["median_ms"] <= row["max_ms"]
             assert row["floor"] is None or row["floor"] >= 1.0
+            counted = timing.resource is not None
+            assert (row["faults"] >= 0) if counted else row["faults"] is None
         assert table["timings"][0]["compile_ratio"] == 1.0
     for name in ("resnet", "transformer", "tiny", "mlp"):
         assert f"{name}: " in done.stdout

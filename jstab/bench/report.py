@@ -51,10 +51,14 @@ def format_table(table: Table) -> str:
         f"{table.traffic_mb:.0f} MB moved by the optimizer, {table.repeats} pairs"
     )
     fusions = any(t.fusions is not None for t in table.timings)
+    faults = any(t.faults is not None for t in table.timings)
     head = (
         f"{'variant':<28}{'rule':<23}{'ms':>9}{'ratio':>7}  {'[min, max]':<13}"
         f"{'floor':>6}{'compile s':>10}{'×':>6}"
-    ) + (f"{'fusions':>9}" if fusions else "")
+    )
+    head += (f"{'faults':>8}" if faults else "") + (
+        f"{'fusions':>9}" if fusions else ""
+    )
     lines = [title, head]
     rules = table.rules or ("",) * len(table.timings)
     for t, rule in zip(table.timings, rules, strict=True):
@@ -64,6 +68,8 @@ def format_table(table: Table) -> str:
             f"{spread:<13}{_cell(t.floor, '.2f'):>6}{t.compile_s:>10.2f}"
             f"{t.compile_ratio:>6.2f}"
         )
+        if faults:
+            line += f"{_cell(t.faults, '.0f'):>8}"
         if fusions:
             line += f"{_cell(t.fusions, 'd'):>9}"
         lines.append(line)

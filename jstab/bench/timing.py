@@ -18,7 +18,24 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+try:
+    import resource
+except ImportError:  # Windows: no page-fault counter
+    resource = None
+
 _FUSION = re.compile(r"\bfusion\(")
+
+
+def _minor_faults() -> int | None:
+    """The process's minor page faults so far, or ``None`` if not counted.
+
+    A minor fault is a first touch of a page the process was given but had
+    not used: on XLA's CPU backend, every temporary array a step writes is
+    fresh memory, so this counts what a step's temporaries cost the kernel.
+    """
+    return (
+        None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    )
 
 
 class Compiled:
@@ -35,13 +52,22 @@ class Compiled:
         self.executable = jitted.lower(*self.args).compile()
         self.compile_s = time.perf_counter() - start
         self.times: list[float] = []
+        self.faults: list[int] = []
+        self.last_faults: int | None = None
 
     def __call__(self) -> float:
-        """Runs one step and returns its wall time in seconds."""
+        """Runs one step and returns its wall time in seconds.
+
+        ``last_faults`` is then the call's minor page faults, or ``None``
+        where the system does not count them.
+        """
+        faults = _minor_faults()
         start = time.perf_counter()
         out = self.executable(*self.args)
         jax.block_until_ready(out)
         elapsed = time.perf_counter() - start
+        if faults is not None:
+            self.last_faults = _minor_faults() - faults
         self.args[: len(out)] = out
         return elapsed
 
@@ -65,6 +91,8 @@ class Timing:
       floor: the ratio a memory-bound step cannot beat (see
         :func:`traffic_floor`), or ``None`` where it is not known.
       fusions: the number of fusions in its compiled step, if asked for.
+      faults: the median number of minor page faults of its timed calls
+        (see :func:`_minor_faults`), or ``None`` where they are not counted.
     """
 
     variant: str
@@ -78,6 +106,7 @@ class Timing:
     compile_ratio: float
     floor: float | None = None
     fusions: int | None = None
+    faults: float | None = None
 
 
 def paired(base: Compiled, other: Compiled, repeats: int, warmup: int) -> list[float]:
@@ -94,8 +123,10 @@ def paired(base: Compiled, other: Compiled, repeats: int, warmup: int) -> list[f
             t, t_base = other(), base()
         else:
             t_base, t = base(), other()
-        base.times.append(t_base)
-        other.times.append(t)
+        for run, elapsed in ((base, t_base), (other, t)):
+            run.times.append(elapsed)
+            if run.last_faults is not None:
+                run.faults.append(run.last_faults)
         ratios.append(t / t_base)
     return ratios
 
@@ -122,6 +153,7 @@ def summarize(
         compile_ratio=run.compile_s / base_compile_s,
         floor=floor,
         fusions=run.fusions() if fusions else None,
+        faults=float(np.median(run.faults)) if run.faults else None,
     )
 
 
