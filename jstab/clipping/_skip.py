@@ -132,11 +132,7 @@ def skip_on_spike(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        # The inner optimizer squares the same gradient (Adam's second
-        # moment). Without the barrier XLA merges the two squares, and its CPU
-        # backend then writes the squared gradient out and reads it back for
-        # the norm: two more passes over the gradient.
-        leaves = jax.lax.optimization_barrier(jax.tree.leaves(updates))
+        leaves = jax.tree.leaves(updates)
         norm = _numerics.global_norm(leaves, 2, axis_name)
         moments = _running.Moments(state.mean, state.var, state.samples)
         skip = ~jnp.isfinite(norm)
