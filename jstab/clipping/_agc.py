@@ -47,6 +47,26 @@ def _unit_axes(x: jax.Array, axis: Axis) -> tuple[int, ...]:
     return tuple(sorted({a % x.ndim for a in axes}))
 
 
+def _add_pairs(a, b):
+    return a[0] + b[0], a[1] + b[1]
+
+
+def _sumsq_and_count(units: jax.Array, limit: jax.Array):
+    """``sum(units**2)`` and the number of ``units > limit``: one reduction.
+
+    A variadic reduction compiles to one kernel with its comparison inside;
+    two reductions cost XLA's CPU backend four kernels per unit count.
+    """
+    over = (units > limit).astype(jnp.int32)
+    zero = jnp.zeros((), units.dtype)
+    return jax.lax.reduce(
+        (jnp.square(units), over),
+        (zero, jnp.int32(0)),
+        _add_pairs,
+        tuple(range(units.ndim)),
+    )
+
+
 def adaptive_grad_clip(
     clipping: ScalarOrSchedule = 0.01, eps: float = 1e-3, axis: Axis = None
 ) -> optax.GradientTransformation:
@@ -129,10 +149,10 @@ def adaptive_grad_clip(
         for i, gu, wu in zip(multi, g_units, w_units, strict=True):
             limit = lam * jnp.maximum(wu.astype(dtype), floor)
             out[i] = _numerics.scale(leaves[i], _numerics.factor(gu, limit))
-            n_clipped.append(jnp.sum(gu > limit, dtype=jnp.int32))
+            sumsq, over = _sumsq_and_count(gu, limit)
+            n_clipped.append(over)
             # A leaf of one unit (a (k, 1) kernel) has its unit's norm.
-            whole = jnp.sqrt(jnp.sum(jnp.square(gu))) if gu.size > 1 else None
-            norms[i] = gu.reshape(()) if whole is None else whole
+            norms[i] = gu.reshape(()) if gu.size == 1 else jnp.sqrt(sumsq)
         units = len(single) + sum(g.size for g in g_units)
         total = jnp.sum(_numerics.stack(n_clipped))
         clipped = total.astype(jnp.float32) / units if units else 0.0

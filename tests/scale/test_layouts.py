@@ -158,12 +158,14 @@ TRAIN = COMMON + textwrap.dedent(
                         assert tree[k].sharding.is_equivalent_to(sharding, 2), (
                             name, k, tree[k].sharding)
                 # Norms are combined as partial results: all-reduces of
-                # scalars or of one value per unit (AGC's), or, for the value
-                # rules' variadic reduction, an all-gather of one maximum and
-                # one count per device; never a kernel moved.
+                # scalars or of one value per unit (AGC's), or, for a variadic
+                # reduction (the value rules' maximum and count, AGC's sum of
+                # squares and count per kernel), an all-gather of one result
+                # of each per device; never a kernel moved.
                 ops = list(collectives(hlo))
                 assert all(n <= UNITS for _, n in ops), (name, axis_type, ops)
-                assert name == "value" or all(op == "all-reduce" for op, _ in ops), (
+                variadic = name in ("value", "agc")
+                assert variadic or all(op == "all-reduce" for op, _ in ops), (
                     name, axis_type, ops)
                 if LAYOUT != "dp" and name == "global_norm":
                     assert ops, hlo
