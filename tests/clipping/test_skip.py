@@ -1,6 +1,7 @@
 """skip_on_spike: skipped steps leave parameters and the inner state untouched."""
 
 import math
+import re
 
 import chex
 import jax
@@ -130,6 +131,23 @@ class SkipOnSpikeTest(chex.TestCase):
             assert out["w"].dtype == jnp.float32
             want = 0.0 if skipped else -grad["w"].astype(jnp.float32)
             np.testing.assert_array_equal(out["w"], want)
+
+    def test_compiled_step_does_not_copy_the_inner_state(self):
+        # Donated, Adam's moments are updated in place. Selecting between the
+        # old and new moments instead made XLA copy them at every step (3.5
+        # against 2.1 times Adam's step on the bench's ResNet tree).
+        params = {"w": jnp.ones((64, 32)), "b": jnp.zeros(32)}
+        tx = jstab.skip_on_spike(optax.adam(1e-3), max_norm=10.0)
+
+        def step(p, s, g):
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        jitted = jax.jit(step, donate_argnums=(0, 1))
+        with jax.numpy_dtype_promotion("standard"):  # Adam is not strict-safe
+            hlo = jitted.lower(params, tx.init(params), params).compile().as_text()
+        assert re.search(r"%s_inner_state\S*mu", hlo)  # the names it reads
+        assert not re.findall(r"copy\(%s_inner_state\S*\)", hlo)
 
     def test_warmup_counts_accepted_steps_only(self):
         tx = jstab.skip_on_spike(
