@@ -14,8 +14,9 @@ Adam, once on one device and once sharded over a mesh:
 The parameters and states must agree with one device's to 1e-6 relative and
 keep their shardings. Then the compiled update step (clip and Adam, given
 the gradient) is read: its only collectives are all-reduces of scalars and
-of small vectors (partial sums of norms, counts), never an all-gather of a
-gradient-sized array.
+of small vectors (partial sums of norms, counts), or for a variadic
+reduction (the value rules', AGC's) an all-gather of one partial result per
+device; never an all-gather of a gradient-sized array.
 
 The scripts run in a subprocess (the ``run_on_eight_devices`` fixture).
 """
