@@ -56,9 +56,10 @@ def format_table(table: Table) -> str:
         f"{'variant':<28}{'rule':<23}{'ms':>9}{'ratio':>7}  {'[min, max]':<13}"
         f"{'floor':>6}{'compile s':>10}{'×':>6}"
     )
-    head += (f"{'faults':>8}" if faults else "") + (
-        f"{'fusions':>9}" if fusions else ""
-    )
+    if faults:
+        head += f"{'faults':>8}"
+    if fusions:
+        head += f"{'fusions':>9}"
     lines = [title, head]
     rules = table.rules or ("",) * len(table.timings)
     for t, rule in zip(table.timings, rules, strict=True):
