@@ -125,3 +125,45 @@ def shape_tuple(shape: object) -> tuple[int, ...]:
                 f"`shape` must be a sequence of non-negative ints, got {shape!r}."
             )
     return tuple(int(d) for d in dims)
+
+
+def same_tree(name: str, expected: object, got: object, what: str = "updates") -> None:
+    """Raises unless ``got`` has the tree structure of ``expected``.
+
+    Called while a step is traced, by the transforms whose state holds a
+    value per leaf: a gradient tree other than the one ``init`` saw would
+    otherwise give each value to another leaf, or change the state's
+    structure from one step to the next.
+    """
+    want, have = jax.tree.structure(expected), jax.tree.structure(got)
+    if want == have:
+        return
+    paths = [
+        {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(t)}
+        for t in (expected, got)
+    ]
+    missing, extra = sorted(paths[0] - paths[1]), sorted(paths[1] - paths[0])
+    detail = "; ".join(
+        f"{label} {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+        for label, items in (("missing:", missing), ("unexpected:", extra))
+        if items
+    )
+    raise ValueError(
+        f"`{name}` was initialized for another tree than the `{what}` it got "
+        f"({detail or f'{want} against {have}'}). Call `init` with a tree of "
+        "the same structure as the gradients."
+    )
+
+
+def same_shapes(name: str, expected: object, got: object, what: str) -> None:
+    """Raises unless the leaves of ``got`` have the shapes of ``expected``'s."""
+    for (path, x), y in zip(
+        jax.tree_util.tree_leaves_with_path(expected),
+        jax.tree.leaves(got),
+        strict=True,
+    ):
+        if np.shape(x) != np.shape(y):
+            raise ValueError(
+                f"`{name}`: the leaf at {jax.tree_util.keystr(path)} has shape "
+                f"{np.shape(y)} in `{what}` and {np.shape(x)} in the updates."
+            )

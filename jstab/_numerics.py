@@ -1,14 +1,20 @@
-"""Numerics shared by the transforms: wide norms, thresholds, counters.
+"""What every transform shares: dtypes, thresholds, norms and the clip state.
 
-Norms are accumulated in :func:`compute_dtype` (float32 for bfloat16 and
-float16 leaves: a sum of squares of float16 values overflows at 65504) and
-are robust at both ends of the range. The fast path is one read of the
-gradients, a plain sum of squares. Only when some sum has overflowed to
-infinity, or is so small that squares may have been lost to underflow, does
-one ``lax.cond`` take a second pass over the gradients, multiplied first by
-2**-64 or 2**64 (float32; exact powers of two). So float32 gradients of 1e30
-have a finite norm and gradients of 1e-30 an accurate one, at no cost to
-ordinary steps, and compiling costs one more reduction per leaf, not two.
+This is the plain path, the one every backend runs: a norm is a sum of
+squares per leaf, accumulated in :func:`compute_dtype` (float32 for bfloat16
+and float16 leaves: a sum of squares of float16 values overflows at 65504).
+Only when a sum has overflowed to infinity, or is so small that squares may
+have been lost to underflow, does one ``lax.cond`` take a second pass over
+the gradients, multiplied first by 2**-64 or 2**64 (float32; exact powers of
+two). So float32 gradients of 1e30 have a finite norm and gradients of 1e-30
+an accurate one, at no cost to ordinary steps.
+
+Five reductions go through :func:`_dispatch`, which on XLA's CPU backend
+runs their counterparts in :mod:`jstab._xla_cpu` instead (the same results,
+compiled faster or run with fewer passes there; ``lax.platform_dependent``
+picks one when the program is lowered): :func:`group_reduce`,
+:func:`unstack`, :func:`element_statistics`, :func:`sumsq_and_count` and
+:func:`watch`.
 
 One limit remains, for per-layer and per-unit norms: a layer whose every
 square underflows (all magnitudes below about 1e-19 in float32) reports 0.
@@ -19,22 +25,27 @@ the global norm does it.
 
 from __future__ import annotations
 
-import math
+import functools
 import numbers
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import lax
 
-from jstab import _checks
+from jstab import _checks, _xla_cpu
 
 AxisName = str | tuple[str, ...] | None
 ScalarOrSchedule = float | jax.Array | Callable[[chex.Numeric], chex.Numeric]
 
 _INT32_MAX = np.iinfo(np.int32).max
+
+
+# -------------------------------------------------------------------- dtypes
 
 
 def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -61,33 +72,6 @@ def safe_increment(count: chex.Array) -> chex.Array:
     return jnp.where(count < _INT32_MAX, count + 1, count)
 
 
-def scale(x: chex.Array, factor: chex.Array) -> chex.Array:
-    """``x * factor`` in ``x``'s compute dtype, returned in ``x``'s dtype.
-
-    A factor of exactly 1 returns ``x`` bit for bit: the product is exact and
-    so is the round trip through a wider dtype.
-    """
-    wide = compute_dtype(x.dtype)
-    return (x.astype(wide) * factor.astype(wide)).astype(x.dtype)
-
-
-def factor(norm: chex.Array, threshold: chex.Array) -> chex.Array:
-    """``min(1, threshold / norm)``: exactly 1 unless ``norm > threshold``."""
-    over = norm > threshold
-    return jnp.where(over, threshold / jnp.where(over, norm, 1), 1)
-
-
-def clip_to_norm(leaves, norm, threshold):
-    """``leaves`` scaled by :func:`factor`, and whether ``norm > threshold``.
-
-    The rule of every global-norm clip: one factor for the whole tree, each
-    leaf kept in its dtype; ``threshold`` is cast to ``norm``'s dtype.
-    """
-    threshold = threshold.astype(norm.dtype)
-    f = factor(norm, threshold)
-    return [scale(x, f) for x in leaves], norm > threshold
-
-
 # ---------------------------------------------------------------- thresholds
 
 
@@ -96,14 +80,25 @@ def is_traced(value: object) -> bool:
     return isinstance(value, jax.core.Tracer)
 
 
-def check_threshold(name: str, value: object, *, strict: bool = True) -> None:
-    """Raises unless ``value`` is a schedule, a traced value or a number > 0.
+def is_static(value: object) -> bool:
+    """Whether ``value`` is known when a transform is built: a plain number.
 
-    Schedules and traced values (``optax.inject_hyperparams`` passes arrays,
-    traced under jit) cannot be checked when the transform is built. With
-    ``strict=False`` the number may be 0 or negative: only finiteness counts.
+    A JAX array is a run-time value, concrete or traced alike: what
+    ``optax.inject_hyperparams`` passes, eagerly or under ``jax.jit``. Checking
+    it when concrete only would make eager and jitted runs of the same code
+    disagree, so it is never checked; :func:`threshold` makes it safe instead.
     """
-    if callable(value) or is_traced(value):
+    return not (callable(value) or isinstance(value, jax.Array))
+
+
+def check_threshold(name: str, value: object, *, strict: bool = True) -> None:
+    """Raises unless ``value`` is a run-time value or a static number > 0.
+
+    Schedules and JAX arrays are run-time values (:func:`is_static`), made
+    safe by :func:`threshold`. With ``strict=False`` a static number may be 0
+    or negative: only finiteness counts.
+    """
+    if not is_static(value):
         return
     if strict:
         _checks.positive(name, value)
@@ -112,10 +107,25 @@ def check_threshold(name: str, value: object, *, strict: bool = True) -> None:
 
 
 def resolve(value: ScalarOrSchedule, count: chex.Array, dtype: jnp.dtype):
-    """A threshold's value at step ``count``, as a scalar of ``dtype``."""
+    """A hyperparameter's value at step ``count``, as a scalar of ``dtype``."""
     if callable(value):
         value = value(count)
     return jnp.asarray(value).astype(dtype)
+
+
+def effective(threshold: chex.Array) -> chex.Array:
+    """``max(threshold, 0)``, with NaN as 0: a bound that never reverses.
+
+    A run-time threshold (a schedule decaying through zero, an injected
+    hyperparameter) that is 0, negative or NaN gives a zero update, never a
+    reversed or NaN one.
+    """
+    return jnp.where(threshold > 0, threshold, jnp.zeros_like(threshold))
+
+
+def threshold(value: ScalarOrSchedule, count: chex.Array, dtype: jnp.dtype):
+    """A threshold's :func:`effective` value at step ``count``, of ``dtype``."""
+    return effective(resolve(value, count, dtype))
 
 
 def static_ord(ord: object) -> float | None:
@@ -134,30 +144,119 @@ def static_ord(ord: object) -> float | None:
     return value
 
 
-def select_ord(ord: object, l2: chex.Array, linf: chex.Array) -> chex.Array:
-    """The norm ``ord`` names; a traced ``ord`` other than inf means 2."""
-    return jnp.where(jnp.isposinf(jnp.asarray(ord).astype(linf.dtype)), linf, l2)
+# ------------------------------------------------------------------ clipping
 
 
-# --------------------------------------------------------------------- norms
+def scale(x: chex.Array, factor: chex.Array) -> chex.Array:
+    """``x * factor`` in ``x``'s compute dtype, returned in ``x``'s dtype.
+
+    A factor of exactly 1 returns ``x`` bit for bit: the product is exact and
+    so is the round trip through a wider dtype.
+    """
+    wide = compute_dtype(x.dtype)
+    return (x.astype(wide) * factor.astype(wide)).astype(x.dtype)
 
 
-#: Leaves of at most this many elements that one group owns are reduced in
-#: batches: those of equal size are stacked into one ``(k, size)`` array and
-#: reduced along its rows. A global norm over 2000 leaves of 256 took 58 s to
-#: compile on CPU, with its rescue pass, when each leaf had its own reduction
-#: and the sums were added in one chain; stacked 64 to a reduction
-#: (:data:`STACK`), 2.3 s. Stacking copies the leaves, which is cheap only
-#: while they are small: bigger leaves are reduced where they are.
-SMALL_LEAF = 1 << 14
+def factor(norm: chex.Array, threshold: chex.Array) -> chex.Array:
+    """``min(1, θ / norm)`` for θ ≥ 0 (:func:`effective`): 1 unless ``norm > θ``.
 
-#: Leaves stacked per reduction: XLA's CPU compiler takes time quadratic in the
-#: number of operands of a concatenation fused into a reduction (2000 leaves
-#: in one: 3.2 s; in 32 reductions of 64: 0.6 s).
-STACK = 64
+    Its gradient is finite everywhere: the unused division sees 1.
+    """
+    over = norm > threshold
+    return jnp.where(over, threshold / jnp.where(over, norm, 1), 1)
 
 
-def _elements(x: chex.Array, dtype: jnp.dtype, kind: str, r=None) -> chex.Array:
+def clip_to_norm(leaves, norm, threshold):
+    """``leaves`` scaled by :func:`factor`, and whether they were clipped.
+
+    The rule of every global-norm clip: one factor for the whole tree, each
+    leaf kept in its dtype; ``threshold`` is cast to ``norm``'s dtype.
+    """
+    threshold = effective(threshold.astype(norm.dtype))
+    f = factor(norm, threshold)
+    return [scale(x, f) for x in leaves], norm > threshold
+
+
+class ClipState(NamedTuple):
+    """What a clipping transform did at its last step.
+
+    Read any field with ``optax.tree.get(opt_state, "norm")`` (or
+    ``"clipped"``, ``"clip_count"``) wherever the transform sits in a chain.
+
+    Attributes:
+      norm: float32, the norm measured before clipping: a scalar for global
+        rules, a tree of per-layer scalars for per-layer rules, the largest
+        ``|g|`` for value rules.
+      clipped: float32 scalar in [0, 1], the fraction of what the transform
+        governs (the step, the layers, the units or the elements) that it
+        clipped at the last step. Something is clipped only when its norm
+        strictly exceeds the threshold.
+      clip_count: int32 scalar, the number of steps in which it clipped
+        anything.
+      count: int32 scalar, the number of steps seen; schedules of the
+        threshold are evaluated at it.
+    """
+
+    norm: chex.ArrayTree
+    clipped: chex.Array
+    clip_count: chex.Array
+    count: chex.Array
+
+
+def init_state(norm: chex.ArrayTree = None) -> ClipState:
+    """The state before the first step: zeros, with ``norm`` shaped like it."""
+    if norm is None:
+        norm = jnp.zeros((), jnp.float32)
+    return ClipState(
+        norm=norm,
+        clipped=jnp.zeros((), jnp.float32),
+        clip_count=jnp.zeros((), jnp.int32),
+        count=jnp.zeros((), jnp.int32),
+    )
+
+
+def init_scalar_state(params: optax.Params) -> ClipState:
+    """The ``init`` of a rule whose ``norm`` is a scalar: params do not matter."""
+    del params
+    return init_state()
+
+
+def advance(state, norm: chex.ArrayTree, clipped: chex.Array):
+    """``state`` after a step that measured ``norm`` and clipped ``clipped``.
+
+    ``state`` is a :class:`ClipState` or any state with its four fields (the
+    adaptive rules' states extend it): those are replaced by name, the others
+    kept. What is recorded is a statistic: it carries no gradient.
+    """
+    clipped = lax.stop_gradient(jnp.asarray(clipped).astype(jnp.float32))
+    return state._replace(
+        norm=jax.tree.map(lambda n: lax.stop_gradient(n.astype(jnp.float32)), norm),
+        clipped=clipped,
+        clip_count=jnp.where(
+            clipped > 0, safe_increment(state.clip_count), state.clip_count
+        ),
+        count=safe_increment(state.count),
+    )
+
+
+# ---------------------------------------------------------------- reductions
+
+
+def _dispatch(name: str, plain: Callable, *operands, **static):
+    """``plain(*operands, **static)``, or on XLA's CPU ``_xla_cpu.<name>``.
+
+    ``lax.platform_dependent`` traces both and keeps the one for the platform
+    the program is lowered for. ``JSTAB_XLA_CPU`` turns the CPU forms off
+    (:func:`jstab._xla_cpu.enabled`): then only the plain one is traced.
+    """
+    plain = functools.partial(plain, **static)
+    if not _xla_cpu.enabled(name):
+        return plain(*operands)
+    fast = functools.partial(getattr(_xla_cpu, name), **static)
+    return lax.platform_dependent(*operands, cpu=fast, default=plain)
+
+
+def elements(x: chex.Array, dtype: jnp.dtype, kind: str, r=None) -> chex.Array:
     """What ``kind`` reduces, in ``dtype``.
 
     ``"maxabs"``: ``|x|``; ``"sumsq"``: ``(x * r)**2``; ``"nonfinite"``: 1
@@ -171,85 +270,11 @@ def _elements(x: chex.Array, dtype: jnp.dtype, kind: str, r=None) -> chex.Array:
     return jnp.square(x if r is None else x * r)
 
 
-def _reduce(x: chex.Array, kind: str, axis=None) -> chex.Array:
+def reduce(x: chex.Array, kind: str, axis=None) -> chex.Array:
+    """The maximum (``"maxabs"``) or the sum of ``x``, in ``x``'s dtype."""
     if kind == "maxabs":
         return jnp.max(x, axis=axis, initial=0)
-    return jnp.sum(x, axis=axis)
-
-
-def _rows(leaves, index, size, dtype, kind, r=None) -> chex.Array:
-    """The reductions of ``leaves[i]``, ``i`` in ``index``, as one vector.
-
-    The leaves, at most :data:`STACK`, all of ``size`` elements, are stacked
-    into one ``(k, size)`` array reduced along its rows. ``r`` is a scalar or
-    a ``(k, 1)`` column: one multiplier per row.
-    """
-    wide = dtype
-    if kind == "nonfinite":  # a lossless common dtype, not the count's
-        wide = accumulation_dtype([leaves[i] for i in index])
-    rows = lax.concatenate([leaves[i].reshape(1, size).astype(wide) for i in index], 0)
-    return _reduce(_elements(rows, dtype, kind, r), kind, axis=1)
-
-
-def _batchable(x: chex.Array) -> bool:
-    """Whether ``x`` is small and not split by an explicit sharding.
-
-    Under ``jax.sharding.AxisType.Explicit`` a split leaf cannot be reshaped
-    without naming the result's sharding: it is reduced where it is.
-    """
-    if x.size > SMALL_LEAF:
-        return False
-    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", ())
-    return all(axis is None for axis in spec)
-
-
-def _same_size(items, size_of) -> dict[int, list]:
-    """``items`` by ``size_of(item)``, keeping the sizes that several share."""
-    sizes: dict[int, list] = {}
-    for item in items:
-        sizes.setdefault(size_of(item), []).append(item)
-    return {size: same for size, same in sizes.items() if len(same) > 1}
-
-
-def batches(
-    index: Sequence[int], leaf: Callable[[int], chex.Array]
-) -> tuple[list[int], dict[int, list[list[int]]]]:
-    """How to reduce the arrays ``leaf(i)``, ``i`` in ``index``, in few kernels.
-
-    Returns the ``i`` to reduce alone (big arrays, by a kernel shared with
-    the arrays of their shape, and those whose size no other shares), and
-    by size the others, in stacks of at most :data:`STACK` (one ``(k,
-    size)`` array each, reduced along its rows), so that many leaves cost a
-    few reductions.
-    """
-    small = [i for i in index if _batchable(leaf(i))]
-    sizes = _same_size(small, lambda i: leaf(i).size)
-    stacked = {i for same in sizes.values() for i in same}
-    stacks = {
-        size: [same[j : j + STACK] for j in range(0, len(same), STACK)]
-        for size, same in sizes.items()
-    }
-    return [i for i in index if i not in stacked], stacks
-
-
-def _group(leaves, group, dtype, kind, r) -> chex.Array:
-    """The reduction of all of ``leaves[i]``, ``i`` in ``group``: a scalar,
-    by the kernels :func:`batches` plans."""
-    alone, stacks = batches(group, leaves.__getitem__)
-    parts = [_reduce(_elements(leaves[i], dtype, kind, r), kind) for i in alone]
-    for size, chunks in stacks.items():
-        rows = [_rows(leaves, chunk, size, dtype, kind, r) for chunk in chunks]
-        parts.append(_reduce(jnp.concatenate(rows), kind))
-    if not parts:
-        return jnp.zeros((), dtype)
-    return parts[0] if len(parts) == 1 else _reduce(stack(parts), kind)
-
-
-def _take(vector: chex.Array, index: Sequence[int]) -> chex.Array:
-    """``vector[index]``: a slice where ``index`` is contiguous, else a gather."""
-    if list(index) == list(range(index[0], index[0] + len(index))):
-        return lax.slice_in_dim(vector, index[0], index[0] + len(index))
-    return vector[np.asarray(index)]
+    return jnp.sum(x, axis=axis, dtype=x.dtype)
 
 
 def group_reduce(
@@ -261,132 +286,87 @@ def group_reduce(
 ) -> chex.Array:
     """Per group of leaves, a sum of squares, a max ``|x|`` or a count.
 
-    ``groups[k]`` lists the indices of the leaves of group ``k``. ``kind`` is
-    one of :func:`_elements`' kinds: ``"sumsq"`` (``r[k]``, if given,
-    multiplies group ``k``'s elements before squaring), ``"maxabs"`` or
-    ``"nonfinite"`` (the number of NaN and infinite elements, exact with
-    an integer ``dtype``, or with float32 for groups of at most 2**24
-    elements, as ``monitor_gradients`` counts). The result
-    is a vector of ``dtype``, one entry per group (0 for a group without
-    elements).
-
-    Compile time, not run time, decides how leaves are reduced. XLA's CPU
-    backend compiles each distinct kernel (~8 ms), and its passes take time
-    growing with the number of instructions. So the reductions are stacked:
-    the small leaves of a group, by size (:func:`_group`), and the groups of
-    one small leaf (a per-layer rule), by size across groups: 64 layers cost
-    one reduction and give 64 entries of the result (see :data:`SMALL_LEAF`).
+    ``groups[k]`` lists the indices of the leaves of group ``k``; ``kind`` is
+    one of :func:`elements`' kinds, and ``r[k]``, if given, multiplies group
+    ``k``'s elements before squaring. The result is a vector of ``dtype``, one
+    entry per group (0 for a group without elements). A count of non-finite
+    elements is exact in an integer ``dtype``, and in float32 for groups of
+    at most 2**24 elements.
     """
     if not groups:
         return jnp.zeros((0,), dtype)
-    single = [k for k, g in enumerate(groups) if len(g) == 1]
-    _, stacks = batches(single, lambda k: leaves[groups[k][0]])
-    order, parts = [], []
-    for size, chunks in stacks.items():
-        for chunk in chunks:
-            index = [groups[k][0] for k in chunk]
-            rk = None if r is None else _take(r, chunk)[:, None]
-            parts.append(_rows(leaves, index, size, dtype, kind, rk))
-            order += chunk
-    rest = sorted(set(range(len(groups))) - set(order))
-    if rest:
-        # Their multipliers as scalars, by kernels alike: a slice ``r[k]``
-        # each would be a kernel each, compiled apart (74 of 190 kernels in
-        # clip_by_layer_norm's step on the Transformer tree).
-        rs = [None] * len(rest) if r is None else unstack(_take(r, rest))[0]
-        each = [
-            _group(leaves, groups[k], dtype, kind, rk)
-            for k, rk in zip(rest, rs, strict=True)
-        ]
-        parts.append(stack(each))
-        order += rest
-    out = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
-    if order != sorted(order):
-        out = out[np.argsort(order)]
-    return out
+    groups = tuple(tuple(g) for g in groups)
+    return _dispatch(
+        "group_reduce", _group_reduce, list(leaves), r,
+        groups=groups, dtype=dtype, kind=kind,
+    )  # fmt: skip
 
 
-def stack(scalars: Sequence[chex.Array]) -> chex.Array:
-    """``jnp.stack(scalars)``, built :data:`STACK` at a time.
-
-    XLA would fuse the stacking of 2000 scalars, and what computes them, into
-    one kernel of 2000 operands, which its CPU backend compiles in seconds.
-    Behind an optimization barrier, pieces of 64 are kernels alike, compiled
-    once.
-    """
-    parts = [jnp.stack(scalars[j : j + STACK]) for j in range(0, len(scalars), STACK)]
-    if not parts:
-        return jnp.zeros((0,), jnp.float32)
-    if len(parts) == 1:
-        return parts[0]
-    return jnp.concatenate(lax.optimization_barrier(parts))
+def _group_reduce(leaves, r, *, groups, dtype, kind):
+    """:func:`group_reduce`: a reduction per leaf, combined per group."""
+    out = []
+    for k, group in enumerate(groups):
+        rk = None if r is None else r[k]
+        parts = [reduce(elements(leaves[i], dtype, kind, rk), kind) for i in group]
+        out.append(reduce(jnp.stack(parts), kind) if parts else jnp.zeros((), dtype))
+    return jnp.stack(out)
 
 
 def unstack(*vectors: chex.Array) -> list[list[chex.Array]]:
-    """Each of ``vectors`` as a list of scalars, its entries.
+    """Each of ``vectors`` as the list of its entries, scalars."""
+    return _dispatch("unstack", _unstack, vectors)
 
-    ``v[k]`` for each ``k`` would be a slice kernel per entry, each one
-    distinct (its offset differs) and compiled alone: XLA took 20 s instead
-    of 4.5 s to compile a per-layer clip on 500 layers. Here the entries come
-    out of variadic reductions, whose kernels XLA compiles once each: ``v``,
-    padded, is laid out as a ``(c, w)`` grid about ``sqrt(n)`` square (``w``
-    at most :data:`STACK`), one reduction gives its ``w`` columns, and ``w``
-    alike give each column's ``c`` entries. Each reduces
-    ``select(iota == k, v, fill)`` by keeping what is not ``fill``, the
-    lowest value of the dtype: a select copies bits, so the entries are
-    exact (arithmetic on CPU would flush denormals to 0).
+
+def _unstack(vectors):
+    return [[v[k] for k in range(v.shape[0])] for v in vectors]
+
+
+def element_statistics(leaves, lo, hi, dtype: jnp.dtype):
+    """The largest ``|x|`` over ``leaves``, and how many ``x`` are outside.
+
+    Outside means ``x < lo`` or ``x > hi``, or ``|x| > hi`` when ``lo`` is
+    ``None``. The count is a float32 (it feeds a fraction); each leaf's count
+    is an exact int32. Both carry no gradient.
     """
-    if len({v.dtype for v in vectors}) > 1:
-        return [_unstack(v) for v in vectors]
-    every = _unstack(jnp.concatenate(vectors)) if vectors else []
-    ends = np.cumsum([0] + [v.shape[0] for v in vectors])
-    return [every[a:b] for a, b in zip(ends[:-1], ends[1:], strict=True)]
+    leaves = [lax.stop_gradient(x) for x in leaves]
+    return _dispatch(
+        "element_statistics", _element_statistics, leaves, lo, hi, dtype=dtype
+    )
 
 
-def _unstack(v: chex.Array) -> list[chex.Array]:
-    n = v.shape[0]
-    if n == 0:
-        return []
-    fill = _lowest(v.dtype)
-    w = min(math.ceil(math.sqrt(n)), STACK)
-    c = -(-n // w)
-    grid = jnp.pad(v, (0, c * w - n), constant_values=fill).reshape(c, w)
-    columns = _pick(grid, _masks(grid.shape, 1), 1, fill)
-    masks = _masks((c,), 0)
-    rows = [_pick(column, masks, 0, fill) for column in columns]
-    return [rows[i % w][i // w] for i in range(n)]
+def _element_statistics(leaves, lo, hi, *, dtype):
+    top, count = jnp.zeros((), dtype), jnp.zeros((), jnp.float32)
+    for x in leaves:
+        x = x.astype(dtype)
+        mag = jnp.abs(x)
+        out = mag > hi if lo is None else (x < lo) | (x > hi)
+        top = jnp.maximum(top, jnp.max(mag, initial=0))
+        count = count + jnp.sum(out, dtype=jnp.int32).astype(jnp.float32)
+    return top, count
 
 
-def _masks(shape: tuple[int, ...], axis: int) -> list[chex.Array]:
-    """For each ``k``, where along ``axis`` the index is ``k``."""
-    iota = lax.broadcasted_iota(jnp.int32, shape, axis)
-    return [lax.eq(iota, lax.full(shape, k, jnp.int32)) for k in range(shape[axis])]
+def sumsq_and_count(units: chex.Array, limit: chex.Array):
+    """``sum(units**2)`` and the int32 number of ``units > limit``, no gradient."""
+    units, limit = lax.stop_gradient((units, limit))
+    return _dispatch("sumsq_and_count", _sumsq_and_count, units, limit)
 
 
-def _pick(x: chex.Array, masks: list, axis: int, fill: np.ndarray) -> list:
-    """``x``'s slices along ``axis`` (``masks`` from :func:`_masks`), by one
-    variadic reduction."""
-    fills = lax.full(x.shape, fill, x.dtype)
-    ops = [lax.select(mask, x, fills) for mask in masks]
-    return lax.reduce(ops, [fill] * len(ops), _keep(fill), (axis,))
+def _sumsq_and_count(units, limit):
+    return jnp.sum(jnp.square(units)), jnp.sum(units > limit, dtype=jnp.int32)
 
 
-def _lowest(dtype: jnp.dtype) -> np.ndarray:
-    """The lowest value of ``dtype``: -inf, the most negative integer, False."""
-    if jnp.issubdtype(dtype, jnp.floating):
-        return np.array(-np.inf, dtype)
-    if dtype == jnp.bool_:
-        return np.array(False)
-    return np.array(jnp.iinfo(dtype).min, dtype)
+def watch(leaves: list[chex.Array]) -> list[chex.Array]:
+    """``leaves``, as a pass-through monitor reads them (on CPU, apart)."""
+    return _dispatch("watch", lambda leaves: leaves, leaves)
 
 
-def _keep(fill):
-    """The reducer of :func:`unstack`: whichever of ``a``, ``b`` is not ``fill``."""
+# --------------------------------------------------------------------- norms
 
-    def keep(a, b):
-        return [lax.select(lax.eq(y, fill), x, y) for x, y in zip(a, b, strict=True)]
 
-    return keep
+def safe_sqrt(s: chex.Array) -> chex.Array:
+    """``sqrt(s)`` for ``s >= 0``, with a gradient of 0 rather than NaN at 0."""
+    zero = s == 0
+    return jnp.where(zero, 0, jnp.sqrt(jnp.where(zero, 1, s)))
 
 
 def _rescale(sumsq: chex.Array, dtype: jnp.dtype, zero: bool) -> chex.Array:
@@ -404,23 +384,6 @@ def _rescale(sumsq: chex.Array, dtype: jnp.dtype, zero: bool) -> chex.Array:
     return jnp.where(jnp.isinf(sumsq), 1 / big, jnp.where(tiny, big, 1))
 
 
-def _rescued(sums, dtype, zero=False):
-    """Norms from the fast sums ``sums(None)``, redone rescaled where needed.
-
-    ``sums(r)`` returns the vector of each group's sum of squares, its
-    elements multiplied by ``r[k]`` first (``r=None``: as they are). The
-    second pass runs, under one ``lax.cond``, only when some group needs it.
-    """
-
-    def rescue(s):
-        r = _rescale(s, dtype, zero)
-        return jnp.sqrt(sums(r)) / r
-
-    s = sums(None)
-    need = jnp.any(_rescale(s, dtype, zero) != 1)
-    return lax.cond(need, rescue, jnp.sqrt, s)
-
-
 def group_norms(
     leaves: Sequence[chex.Array],
     groups: Sequence[Sequence[int]],
@@ -433,8 +396,8 @@ def group_norms(
     ``groups[k]`` lists the indices of the leaves forming group ``k``. The
     norms have the accumulation dtype of the leaves. With ``axis_name``, sums
     are combined with ``lax.psum`` and maxima with ``lax.pmax`` over it.
-    With ``zero``, a group whose fast sum is exactly 0 is rescaled too.
-    :func:`unstack` turns the vector into scalars.
+    The second, rescaled pass runs under one ``lax.cond``, only when some
+    group's sum needs it; with ``zero``, a sum of exactly 0 needs it too.
     """
     dtype = accumulation_dtype(leaves)
     if not groups:
@@ -448,11 +411,18 @@ def group_norms(
         out = group_reduce(leaves, groups, dtype, "sumsq", r)
         return out if axis_name is None else lax.psum(out, axis_name)
 
+    def rescue(s):
+        r = _rescale(s, dtype, zero)
+        return safe_sqrt(sums(r)) / r
+
     which = static_ord(ord)
     if which == np.inf:
         return linf()
-    l2 = _rescued(sums, dtype, zero)
-    return l2 if which == 2.0 else select_ord(ord, l2, linf())
+    s = sums(None)
+    l2 = lax.cond(jnp.any(_rescale(s, dtype, zero) != 1), rescue, safe_sqrt, s)
+    if which == 2.0:
+        return l2
+    return jnp.where(jnp.isposinf(jnp.asarray(ord).astype(dtype)), linf(), l2)
 
 
 def global_norm(
@@ -486,6 +456,6 @@ def unit_norms(
     """
     dtype = accumulation_dtype(leaves) if dtype is None else dtype
     return [
-        jnp.sqrt(jnp.sum(_elements(x, dtype, "sumsq"), axis=a, keepdims=True))
+        safe_sqrt(jnp.sum(elements(x, dtype, "sumsq"), axis=a, keepdims=True))
         for x, a in zip(leaves, axes, strict=True)
     ]

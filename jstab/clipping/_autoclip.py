@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from jstab import _checks, _numerics
 from jstab._numerics import AxisName
-from jstab.clipping import _state
 
 
 class AutoClipState(NamedTuple):
@@ -69,12 +69,14 @@ def _percentile(history, filled, percentile):
     its last bit.
     """
     size = history.shape[0]
-    held = jnp.where(jnp.arange(size) < filled, history, jnp.inf)
+    held = jnp.where(jnp.arange(size, dtype=filled.dtype) < filled, history, jnp.inf)
     ordered = jnp.sort(held)
     row = jnp.maximum(filled, 1) - 1
     if _numerics.is_traced(percentile) or not isinstance(percentile, float | int):
         n = row.astype(jnp.float32)
-        virtual = n * (jnp.asarray(percentile).astype(jnp.float32) / 100)
+        p = jnp.asarray(percentile).astype(jnp.float32)
+        p = jnp.clip(jnp.where(jnp.isnan(p), 0, p), 0, 100)  # NaN counts as 0
+        virtual = n * (p / 100)
         prev = jnp.minimum(jnp.floor(virtual), n)
         gamma = jnp.where(virtual >= n, 0, virtual - prev)
         lo = prev.astype(jnp.int32)
@@ -114,6 +116,11 @@ def autoclip(
     the model's own scale, with no constant to tune: the paper's 10th
     percentile keeps 90 % of steps clipped mildly and bounds spikes.
 
+    Unlike ``torch.nn.utils.clip_grad_norm_``, which the authors' code
+    calls, no 1e-6 is added to the norm in the scaling factor: the clipped
+    norm equals the threshold to within rounding (their factor
+    θ/(‖g‖ + 1e-6) differs by up to 1e-2 relative at norms near 1e-4).
+
     The history is a fixed-size ring buffer in the state, so the step
     compiles once. A non-finite norm is not recorded (it would poison the
     threshold for ``history`` steps); such a gradient still goes through
@@ -121,7 +128,8 @@ def autoclip(
     drop those steps.
 
     Args:
-      percentile: p in [0, 100].
+      percentile: p in [0, 100]. A run-time value outside is clipped to
+        the range, and NaN counts as 0.
       history: how many of the most recent norms to keep, an int >= 1. Under
         ``optax.inject_hyperparams`` with a jitted ``init``, pass
         ``static_args=("history",)``: it sets the shape of the state.
@@ -158,9 +166,8 @@ def autoclip(
                 'with inject_hyperparams, pass static_args=("history",).'
             )
         size = _checks.integer_at_least("history", history, 1)
-        scalar = _state.init_scalar(params)
         return AutoClipState(
-            *scalar,
+            **_numerics.init_scalar_state(params)._asdict(),
             threshold=jnp.zeros((), jnp.float32),
             history=jnp.zeros((size,), jnp.float32),
             filled=jnp.zeros((), jnp.int32),
@@ -182,8 +189,12 @@ def autoclip(
             filled > 0, _percentile(buffer, filled, percentile), jnp.inf
         )
         out, clipped = _numerics.clip_to_norm(leaves, norm, threshold)
-        scalar = _state.advance(_state.ClipState(*state[:4]), norm, clipped)
-        new = AutoClipState(*scalar, threshold, buffer, filled, position)
+        new = _numerics.advance(state, norm, clipped)._replace(
+            threshold=lax.stop_gradient(threshold),
+            history=lax.stop_gradient(buffer),
+            filled=filled,
+            position=position,
+        )
         return jax.tree.unflatten(treedef, out), new
 
     return optax.GradientTransformation(init_fn, update_fn)

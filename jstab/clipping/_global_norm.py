@@ -9,7 +9,6 @@ import optax
 
 from jstab import _numerics
 from jstab._numerics import AxisName, ScalarOrSchedule
-from jstab.clipping import _state
 
 
 def clip_by_global_norm(
@@ -43,8 +42,10 @@ def clip_by_global_norm(
     :func:`clip_grad_norm`; the norm alone is :func:`global_norm`.
 
     Args:
-      max_norm: the threshold θ > 0: a float, a scalar array, or an
-        ``optax.Schedule`` of the step count.
+      max_norm: the threshold θ: a float > 0, a scalar array, or an
+        ``optax.Schedule`` of the step count. A run-time value (an array, a
+        schedule's value) that is 0, negative or NaN counts as 0: the step
+        is zeroed and counted as clipped, never reversed.
       ord: 2 or ``jnp.inf``. Under ``optax.inject_hyperparams`` it may be a
         traced array (both norms are then computed; pass
         ``static_args=("ord",)`` to avoid that).
@@ -74,9 +75,9 @@ def clip_by_global_norm(
     def update_fn(updates, state, params=None):
         del params
         out, norm, clipped = _clip(updates, max_norm, state.count, ord, axis_name)
-        return out, _state.advance(state, norm, clipped)
+        return out, _numerics.advance(state, norm, clipped)
 
-    return optax.GradientTransformation(_state.init_scalar, update_fn)
+    return optax.GradientTransformation(_numerics.init_scalar_state, update_fn)
 
 
 def _clip(tree, max_norm, count, ord, axis_name):
@@ -166,9 +167,11 @@ def clip_grad_norm(
 
     Args:
       grads: a pytree of floating-point arrays.
-      max_norm: the threshold θ > 0, a float or a scalar array (traced under
-        ``jax.jit`` if you like). For a schedule, use
-        :func:`clip_by_global_norm`, which counts the steps.
+      max_norm: the threshold θ, a float > 0 or a scalar array (traced under
+        ``jax.jit`` if you like). An array is a run-time value, never
+        checked: one that is 0, negative or NaN gives zero gradients, eager
+        or jitted alike. For a schedule, use :func:`clip_by_global_norm`,
+        which counts the steps.
       ord: 2 or ``jnp.inf``.
       axis_name: inside ``shard_map``, the mesh axis name (or names) the
         gradient is split over, as in :func:`global_norm`.
@@ -188,7 +191,7 @@ def clip_grad_norm(
             f"`max_norm` must be a float or a scalar array, got {max_norm!r}; "
             "for a schedule use jstab.clip_by_global_norm."
         )
-    if _numerics.is_traced(max_norm) and max_norm.shape != ():
+    if isinstance(max_norm, jax.Array) and max_norm.shape != ():
         raise TypeError(
             f"`max_norm` must be a scalar, got an array of shape {max_norm.shape}."
         )

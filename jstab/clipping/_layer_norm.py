@@ -11,9 +11,7 @@ import optax
 from jax.tree_util import GetAttrKey, keystr
 
 from jstab import _checks, _numerics
-from jstab._numerics import AxisName, ScalarOrSchedule
-from jstab.clipping import _state
-from jstab.clipping._state import ClipState
+from jstab._numerics import AxisName, ClipState, ScalarOrSchedule
 
 Per = Literal["leaf", "module"]
 
@@ -73,7 +71,9 @@ def clip_by_layer_norm(
     for bit unchanged.
 
     Args:
-      max_norm: the threshold θ > 0: a float, a scalar array or a schedule.
+      max_norm: the threshold θ: a float > 0, a scalar array or a schedule.
+        A run-time value that is 0, negative or NaN counts as 0 (every
+        layer is zeroed and counted as clipped).
       ord: 2 or ``jnp.inf``.
       per: ``"leaf"`` or ``"module"``: what a layer is.
       axis_name: inside ``shard_map``, the mesh axis name (or names) every
@@ -90,13 +90,14 @@ def clip_by_layer_norm(
 
     def init_fn(params: optax.Params) -> ClipState:
         leaves, groups, pack = _layers(params, per)
-        return _state.init(pack([jnp.zeros((), jnp.float32) for _ in groups]))
+        return _numerics.init_state(pack([jnp.zeros((), jnp.float32) for _ in groups]))
 
     def update_fn(updates, state, params=None):
         del params
         leaves, groups, pack = _layers(updates, per)
+        _checks.same_tree("clip_by_layer_norm", state.norm, pack([0] * len(groups)))
         norms = _numerics.group_norms(leaves, groups, ord, axis_name)
-        threshold = _numerics.resolve(max_norm, state.count, norms.dtype)
+        threshold = _numerics.threshold(max_norm, state.count, norms.dtype)
         factors = _numerics.factor(norms, threshold)
         each_norm, each_factor = _numerics.unstack(norms, factors)
         out = list(leaves)
@@ -106,7 +107,7 @@ def clip_by_layer_norm(
         over = jnp.sum(norms > threshold, dtype=jnp.int32)
         clipped = over.astype(jnp.float32) / len(groups) if groups else 0.0
         treedef = jax.tree.structure(updates)
-        new_state = _state.advance(state, pack(each_norm), clipped)
+        new_state = _numerics.advance(state, pack(each_norm), clipped)
         return jax.tree.unflatten(treedef, out), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)

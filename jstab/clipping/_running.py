@@ -19,7 +19,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import chex
+import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jstab import _checks, _numerics
 
@@ -41,6 +43,11 @@ def init() -> Moments:
     )
 
 
+def of(state) -> Moments:
+    """The :class:`Moments` held in ``state``'s fields of the same names."""
+    return Moments(mean=state.mean, var=state.var, samples=state.samples)
+
+
 def ready(moments: Moments, warmup_steps: chex.Numeric) -> chex.Array:
     """True once ``warmup_steps`` norms have entered the statistics."""
     return moments.samples >= jnp.asarray(warmup_steps).astype(jnp.int32)
@@ -58,7 +65,7 @@ def observe(
     Before :func:`ready`, Welford's update of the exact mean and population
     variance; after, the exponential moving average with weight ``alpha``.
     """
-    v = value.astype(jnp.float32)
+    v = lax.stop_gradient(value.astype(jnp.float32))
     alpha = jnp.asarray(alpha).astype(jnp.float32)
     mean, var, samples = moments
     # Welford, with the variance kept divided by the sample count; both terms
@@ -76,7 +83,7 @@ def observe(
         var=jnp.where(warm, e_var, w_var),
         samples=_numerics.safe_increment(samples),
     )
-    return Moments(*(jnp.where(take, a, b) for a, b in zip(new, moments, strict=True)))
+    return jax.tree.map(lambda a, b: jnp.where(take, a, b), new, moments)
 
 
 def zscore(norm: chex.Array, moments: Moments, eps: chex.Numeric):

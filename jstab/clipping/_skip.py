@@ -43,8 +43,30 @@ class SkipState(NamedTuple):
     samples: chex.Array
 
 
+def _as_transformation(inner: object) -> optax.GradientTransformationExtraArgs:
+    """``inner`` as a transformation: Optax's, or ``inner.gradient_transformation()``.
+
+    ``optax.MultiSteps`` and other wrappers that are not transformations
+    themselves give one through ``gradient_transformation()``.
+    """
+    if not isinstance(inner, optax.GradientTransformation):
+        make = getattr(inner, "gradient_transformation", None)
+        inner = make() if callable(make) else inner
+    if not (
+        callable(getattr(inner, "init", None))
+        and callable(getattr(inner, "update", None))
+    ):
+        raise TypeError(
+            "`inner` must be an optax.GradientTransformation or have a "
+            f"gradient_transformation() method (as optax.MultiSteps), got {inner!r}."
+        )
+    if not isinstance(inner, optax.GradientTransformation):
+        inner = optax.GradientTransformation(inner.init, inner.update)
+    return optax.with_extra_args_support(inner)
+
+
 def skip_on_spike(
-    inner: optax.GradientTransformation,
+    inner: optax.GradientTransformation | optax.MultiSteps,
     *,
     max_norm: ScalarOrSchedule | None = None,
     z_thresh: float | None = None,
@@ -79,13 +101,25 @@ def skip_on_spike(
     Adam's step). Put the wrapper around the whole optimizer so that nothing
     inside sees a skipped gradient.
 
+    With gradient accumulation, put it outside ``optax.MultiSteps``:
+    ``skip_on_spike(optax.MultiSteps(opt, k))`` tests each micro-batch's
+    gradient, and a bad one is dropped while accumulation goes on (the
+    update is applied after ``k`` accepted micro-batches). The other order,
+    ``optax.MultiSteps(skip_on_spike(opt), k)``, adds a NaN micro-batch
+    into Optax's accumulator, which it resets by multiplying by 0, and
+    NaN · 0 is NaN: every later step is skipped for good.
+
     Args:
-      inner: the transformation to protect, e.g. ``optax.adam(1e-3)``.
-      max_norm: skip a step whose norm exceeds it (> 0): a float, a scalar
+      inner: the transformation to protect, e.g. ``optax.adam(1e-3)``: a
+        ``GradientTransformation``, a ``GradientTransformationExtraArgs``,
+        or an object with a ``gradient_transformation()`` method, such as
+        ``optax.MultiSteps``.
+      max_norm: skip a step whose norm exceeds it: a float > 0, a scalar
         array or an ``optax.Schedule`` of the wrapper's step count.
-        ``None``: no fixed bound.
+        ``None``: no fixed bound. A run-time value that is 0, negative or
+        NaN counts as 0: every step with a nonzero gradient is skipped.
       z_thresh: skip a step whose z-score exceeds it (> 0). ``None``: no
-        z-test.
+        z-test. A run-time value below 0 or NaN counts as 0.
       alpha: EMA weight of the past, in (0, 1).
       warmup_steps: the number of accepted steps that only collect norms
         before the z-test starts, an int >= 1.
@@ -110,16 +144,12 @@ def skip_on_spike(
       <https://arxiv.org/abs/2204.02311>`_, 2022 (skipping batches around
       loss spikes)
     """
-    if not isinstance(inner, optax.GradientTransformation):
-        raise TypeError(
-            f"`inner` must be an optax.GradientTransformation, got {inner!r}."
-        )
+    inner = _as_transformation(inner)
     if max_norm is not None:
         _numerics.check_threshold("max_norm", max_norm)
     if z_thresh is not None:
         _numerics.check_threshold("z_thresh", z_thresh)
     _running.check(alpha, warmup_steps)
-    inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
         return SkipState(
@@ -134,13 +164,15 @@ def skip_on_spike(
     def update_fn(updates, state, params=None, **extra_args):
         leaves = jax.tree.leaves(updates)
         norm = _numerics.global_norm(leaves, 2, axis_name)
-        moments = _running.Moments(state.mean, state.var, state.samples)
+        moments = _running.of(state)
         skip = ~jnp.isfinite(norm)
         if max_norm is not None:
-            skip = skip | (norm > _numerics.resolve(max_norm, state.count, norm.dtype))
+            skip = skip | (
+                norm > _numerics.threshold(max_norm, state.count, norm.dtype)
+            )
         if z_thresh is not None:
             z, _ = _running.zscore(norm, moments, _Z_EPS)
-            spike = z > jnp.asarray(z_thresh).astype(jnp.float32)
+            spike = z > _numerics.effective(jnp.asarray(z_thresh, jnp.float32))
             skip = skip | (_running.ready(moments, warmup_steps) & spike)
 
         def accept(operands):

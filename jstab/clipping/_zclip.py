@@ -8,10 +8,11 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 from jstab import _checks, _numerics
 from jstab._numerics import AxisName, ScalarOrSchedule
-from jstab.clipping import _running, _state
+from jstab.clipping import _running
 
 
 class ZClipState(NamedTuple):
@@ -104,13 +105,20 @@ def zclip(
     ``skip_update_on_spike`` is set, the statistics take ``v`` (or the norm
     when no spike): μ ← αμ + (1−α)v, σ² ← ασ² + (1−α)(v − μ)² with the new μ.
 
-    This is the authors' ``zclip.py`` step for step, with two choices of
+    This is the authors' ``zclip.py`` step for step, with three choices of
     ours: ``max_norm`` defaults to ``None`` (their code caps at 1.0; pass
-    ``max_norm=1.0`` to reproduce it), and a non-finite norm never enters
-    the statistics, so one overflowed step does not disable the clip for
-    good (such a gradient still goes through the clip; chain
-    :func:`skip_on_spike` or ``optax.apply_if_finite`` to drop it). Below
-    the threshold the gradient comes out bit for bit unchanged.
+    ``max_norm=1.0`` to reproduce it); a non-finite norm never enters the
+    statistics, so one overflowed step does not disable the clip for good
+    (such a gradient still goes through the clip; chain
+    :func:`skip_on_spike` or ``optax.apply_if_finite`` to drop it); and no
+    1e-6 is added to the norm when the gradient is scaled, as their code
+    does through ``torch.nn.utils.clip_grad_norm_``: the clipped norm equals
+    the threshold to within rounding, where theirs is θ·‖g‖/(‖g‖ + 1e-6)
+    (a relative difference of up to 1e-2 at norms near 1e-4). Below the
+    threshold the gradient comes out bit for bit unchanged. A run-time
+    hyperparameter (``inject_hyperparams``, a ``max_norm`` schedule) that
+    makes the threshold 0, negative or NaN zeroes the step, and a threshold
+    that is not finite never enters the statistics.
 
     Args:
       alpha: EMA weight of the past, in (0, 1).
@@ -161,7 +169,7 @@ def zclip(
 
     def init_fn(params):
         return ZClipState(
-            *_state.init_scalar(params),
+            **_numerics.init_scalar_state(params)._asdict(),
             threshold=jnp.zeros((), jnp.float32),
             spike=jnp.zeros((), jnp.bool_),
             **_running.init()._asdict(),
@@ -171,25 +179,28 @@ def zclip(
         del params
         leaves, treedef = jax.tree.flatten(updates)
         norm = _numerics.global_norm(leaves, 2, axis_name)
-        moments = _running.Moments(state.mean, state.var, state.samples)
+        moments = _running.of(state)
         warm = _running.ready(moments, warmup_steps)
         spike, v = _adaptive_threshold(
             norm, moments, z_thresh, eps, mode, clip_option, clip_factor
         )
         spike = warm & spike
-        v = jnp.where(spike, v, norm.astype(jnp.float32))
+        v = jnp.where(spike, _numerics.effective(v), norm.astype(jnp.float32))
         threshold = v
         if max_norm is not None:
-            cap = _numerics.resolve(max_norm, state.count, jnp.float32)
+            cap = _numerics.threshold(max_norm, state.count, jnp.float32)
             threshold = jnp.minimum(v, cap)
         out, clipped = _numerics.clip_to_norm(leaves, norm, threshold)
-        take = jnp.isfinite(norm)
+        take = jnp.isfinite(norm) & jnp.isfinite(v)
         if skip_update_on_spike:
             take = take & ~spike
         # During warm-up the statistics collect the norm itself.
         moments = _running.observe(moments, v, take, alpha, warmup_steps)
-        scalar = _state.advance(_state.ClipState(*state[:4]), norm, clipped)
-        new = ZClipState(*scalar, threshold, spike, *moments)
+        new = _numerics.advance(state, norm, clipped)._replace(
+            threshold=lax.stop_gradient(threshold),
+            spike=spike,
+            **moments._asdict(),
+        )
         return jax.tree.unflatten(treedef, out), new
 
     return optax.GradientTransformation(init_fn, update_fn)

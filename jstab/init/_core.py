@@ -10,6 +10,7 @@ from typing import Protocol
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jstab import _checks
 from jstab._numerics import compute_dtype
@@ -24,6 +25,38 @@ class Initializer(Protocol):
 
 
 Sampler = Callable[[chex.PRNGKey, tuple[int, ...], jnp.dtype], chex.Array]
+
+
+def _is_key(value: object) -> bool:
+    """Whether ``value`` looks like a PRNG key: typed, or legacy ``uint32[2]``."""
+    if not isinstance(value, jax.Array | np.ndarray):
+        return False
+    dtype = value.dtype
+    typed = jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    return typed or (dtype == np.uint32 and value.ndim >= 1)
+
+
+def builder(build: Callable[..., Initializer]) -> Callable[..., Initializer]:
+    """Marks ``build`` as a builder of initializers, which names its misuse.
+
+    Flax calls ``kernel_init(key, shape, dtype)``. Passed the builder itself
+    (``kernel_init=jstab.he_normal``, without the parentheses), the key would
+    land in the builder's first argument and fail with a message about that
+    argument; this says what happened instead.
+    """
+
+    @functools.wraps(build)
+    def checked(*args, **kwargs):
+        if args and _is_key(args[0]):
+            name = build.__name__
+            raise TypeError(
+                f"`{name}` builds an initializer; it was called as one, with a "
+                f"PRNG key. Call it first: `kernel_init=jstab.{name}()`, not "
+                f"`kernel_init=jstab.{name}`."
+            )
+        return build(*args, **kwargs)
+
+    return checked
 
 
 def default_float_dtype() -> jnp.dtype:

@@ -70,11 +70,19 @@ def gain_squared(nonlinearity: str, param: float | None = None) -> float:
     """
     _checks.one_of("nonlinearity", nonlinearity, NONLINEARITIES)
     if nonlinearity == "leaky_relu":
-        slope = 0.01 if param is None else _checks.real_number("param", param)
+        slope = 0.01 if param is None else _slope(param)
         return 2.0 / (1.0 + slope**2)
     if param is not None:
         _reject_param(nonlinearity, param)
     return {"tanh": 25.0 / 9.0, "relu": 2.0, "selu": 9.0 / 16.0}.get(nonlinearity, 1.0)
+
+
+def _slope(param: object) -> float:
+    """``param`` as leaky_relu's slope; a ValueError otherwise, as in PyTorch."""
+    try:
+        return _checks.real_number("param", param)
+    except TypeError as error:  # a bool, a string, an array of several values
+        raise ValueError(str(error)) from None
 
 
 def _reject_param(nonlinearity: str, param: object) -> None:

@@ -9,6 +9,7 @@ from jstab import _checks
 from jstab.init import _core
 
 
+@_core.builder
 def orthogonal(
     gain: float = 1.0, column_axis: int = -1, dtype: jnp.dtype | None = None
 ) -> _core.Initializer:
@@ -66,6 +67,7 @@ def orthogonal(
     )
 
 
+@_core.builder
 def delta_orthogonal(
     gain: float = 1.0, dtype: jnp.dtype | None = None
 ) -> _core.Initializer:

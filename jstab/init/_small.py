@@ -11,6 +11,7 @@ from jstab import _checks
 from jstab.init import _core
 
 
+@_core.builder
 def small_normal(
     stddev: float = 0.01, dtype: jnp.dtype | None = None
 ) -> _core.Initializer:
@@ -34,6 +35,7 @@ def small_normal(
     )
 
 
+@_core.builder
 def small_uniform(
     limit: float = 0.01, dtype: jnp.dtype | None = None
 ) -> _core.Initializer:
@@ -107,6 +109,7 @@ def truncated_std(lower: float, upper: float) -> float:
     return math.sqrt(variance)
 
 
+@_core.builder
 def truncated_normal(
     stddev: float = 0.01,
     lower: float = -2.0,

@@ -19,6 +19,7 @@ _DISTRIBUTIONS = get_args(Distribution)
 _NORMALS = ("normal", "truncated_normal")
 
 
+@_core.builder
 def variance_scaling(
     scale: float,
     mode: Mode,
@@ -87,6 +88,7 @@ def variance_scaling(
     )
 
 
+@_core.builder
 def glorot_normal(
     gain: float = 1.0,
     *,
@@ -131,6 +133,7 @@ def glorot_normal(
     )
 
 
+@_core.builder
 def glorot_uniform(
     gain: float = 1.0,
     *,
@@ -183,6 +186,7 @@ def _he_scale(nonlinearity: str, negative_slope: float, mode: str) -> float:
     return gain_squared(nonlinearity)
 
 
+@_core.builder
 def he_normal(
     nonlinearity: str = "relu",
     negative_slope: float = 0.0,
@@ -233,6 +237,7 @@ def he_normal(
     )
 
 
+@_core.builder
 def he_uniform(
     nonlinearity: str = "relu",
     negative_slope: float = 0.0,
@@ -269,6 +274,7 @@ def he_uniform(
     )
 
 
+@_core.builder
 def lecun_normal(
     *,
     distribution: Literal["normal", "truncated_normal"] = "normal",
@@ -303,6 +309,7 @@ def lecun_normal(
     )
 
 
+@_core.builder
 def lecun_uniform(
     *,
     in_axis: Axes = -2,
