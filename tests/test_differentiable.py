@@ -151,3 +151,19 @@ def test_the_gradient_at_a_zero_gradient_is_finite(build):
     f = _objective(tx, tx.init(params), _tree(2, 1.0))
     grads = jax.grad(f, argnums=(0, 1))(zeros, params)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(grads))
+
+
+def _returns_a_transformation(obj: object) -> bool:
+    """Whether ``obj`` is a factory whose docstring returns a transformation."""
+    returns = (getattr(obj, "__doc__", None) or "").split("Returns:")[-1]
+    return not isinstance(obj, type) and "GradientTransformation" in returns
+
+
+def test_every_public_transform_is_checked_here():
+    # A transform added later, without a case above, fails this.
+    transforms = {
+        n for n in jstab.__all__ if _returns_a_transformation(getattr(jstab, n))
+    }
+    assert "clip_by_global_norm" in transforms and "skip_on_spike" in transforms
+    covered = {case.split()[0] for case in CASES}
+    assert transforms <= covered, sorted(transforms - covered)
