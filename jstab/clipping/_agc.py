@@ -113,7 +113,7 @@ def adaptive_grad_clip(
         axes = [_unit_axes(g, axis) for g in leaves]
         dtype = _numerics.accumulation_dtype(leaves)
         lam = _numerics.threshold(clipping, state.count, dtype)
-        floor = _numerics.effective(_numerics.resolve(eps, state.count, dtype))
+        floor = _numerics.threshold(eps, state.count, dtype)
         out, norms = list(leaves), [None] * len(leaves)
         # Leaves of one unit (biases, scales): their norms as one vector.
         single = [i for i, g in enumerate(leaves) if len(axes[i]) == g.ndim]
