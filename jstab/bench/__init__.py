@@ -5,8 +5,8 @@ parameter tree, for each clipping rule chained before an optimizer, against
 the optimizer alone; :func:`training_step` times a whole step (forward,
 backward, clip, update) of a deep MLP; :func:`run` does both on the built-in
 trees of :mod:`jstab.bench.trees`. The method is in
-:mod:`jstab.bench.timing`; the output, a :class:`Table` per step and tree, in
-:mod:`jstab.bench.report`.
+:mod:`jstab.bench.timing`; the output, a :class:`~jstab.bench.report.Table`
+per step and tree, in :mod:`jstab.bench.report`.
 
 Example:
   >>> import jax.numpy as jnp, jstab.bench as bench
@@ -148,7 +148,7 @@ def optimizer_step(
     optimizer's step (see :mod:`jstab.bench.timing`). With JAX's persistent
     compilation cache on, a step found in it is loaded, not compiled, and
     its compile time is the load's: ``jstab bench`` turns the cache off, and
-    :func:`machine` records the cache's directory.
+    :func:`~jstab.bench.report.machine` records the cache's directory.
 
     Args:
       params: any tree of float arrays, on any device or sharding.
@@ -158,8 +158,9 @@ def optimizer_step(
       optimizer: ``"adam"`` (``optax.adam(1e-3)``), ``"sgd"`` or any
         ``optax.GradientTransformation``: the baseline.
       variants: names from :func:`jstab.bench.variants.default` (all of
-        them by default), or a mapping of names to :class:`Variant` or to
-        whole transformations to time against the baseline.
+        them by default), or a mapping of names to
+        :class:`~jstab.bench.variants.Variant` or to whole transformations
+        to time against the baseline.
       repeats: timed pairs per variant.
       warmup: untimed calls of each before timing.
       fusions: also count the fusions of each compiled step.
@@ -167,7 +168,7 @@ def optimizer_step(
       progress: called with a short label before each variant is compiled.
 
     Returns:
-      A :class:`Table`: the baseline's row, then one per variant.
+      A :class:`~jstab.bench.report.Table`: the baseline's row, then one per variant.
     """
     if grads is None:
         grads = _trees.gradient_like(params)
@@ -214,7 +215,7 @@ def training_step(
         :func:`optimizer_step`.
 
     Returns:
-      A :class:`Table` named ``"mlp"``.
+      A :class:`~jstab.bench.report.Table` named ``"mlp"``.
     """
     import flax.linen as nn
 
@@ -269,7 +270,7 @@ def run(
     """The benchmark of ``jstab bench``: optimizer steps on built-in trees.
 
     Args:
-      trees: names from :data:`jstab.bench._trees.TREES`.
+      trees: names from ``jstab.bench.trees.TREES``.
       optimizer: ``"adam"`` or ``"sgd"``.
       quick: small trees of the same kinds (fewer leaves, a few hundred
         thousand parameters), a small MLP and 3 pairs: for CI, not figures.
@@ -278,7 +279,7 @@ def run(
       variants, fusions, progress: as in :func:`optimizer_step`.
 
     Returns:
-      One :class:`Table` per tree, then the MLP's.
+      One :class:`~jstab.bench.report.Table` per tree, then the MLP's.
     """
     unknown = [t for t in trees if t not in _trees.TREES]
     if unknown:

@@ -89,10 +89,12 @@ class Timing:
       compile_s: seconds to trace, lower and compile its step.
       compile_ratio: ``compile_s`` over the baseline's.
       floor: the ratio a memory-bound step cannot beat (see
-        :func:`traffic_floor`), or ``None`` where it is not known.
+        :func:`~jstab.bench.variants.traffic_floor`), or ``None`` where it
+        is not known.
       fusions: the number of fusions in its compiled step, if asked for.
       faults: the median number of minor page faults of its timed calls
-        (see :func:`_minor_faults`), or ``None`` where they are not counted.
+        (the fresh memory its temporaries touch), or ``None`` where they
+        are not counted.
     """
 
     variant: str

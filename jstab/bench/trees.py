@@ -2,7 +2,7 @@
 
 Each builder returns a flat ``{name: shape}`` dict; :func:`make` turns one into
 float32 parameters and a gradient whose global L2 norm is
-:data:`GRAD_NORM` (elements of about 1e-3), so that every clipping rule the
+``GRAD_NORM`` (elements of about 1e-3), so that every clipping rule the
 benchmark times acts at every step.
 """
 

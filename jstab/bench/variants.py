@@ -26,7 +26,7 @@ class Variant:
         transformation.
       reads: how many gradient-sized arrays the rule must read beyond what
         the optimizer reads (1 for a norm of the gradient, 2 for norms of the
-        gradient and of the parameters or for a value rule's largest |g| and
+        gradient and of the parameters or for a value rule's largest ``|g|`` and
         count, 0 for an elementwise rule without statistics): what its
         memory-traffic floor is computed from.
       rule: what it does, to line up jstab's and Optax's forms of one rule.

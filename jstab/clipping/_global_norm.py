@@ -23,7 +23,7 @@ def clip_by_global_norm(
 
     with ``p = ord`` (2, or ``jnp.inf`` for the largest ``|g_i|``). One
     factor for the whole model, so layers keep their relative sizes and the
-    update keeps its direction (seed 000). The rule of
+    update keeps its direction (Pascanu et al., 2013). The rule of
     ``torch.nn.utils.clip_grad_norm_`` and ``optax.clip_by_global_norm``,
     with these differences:
 

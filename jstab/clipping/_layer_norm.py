@@ -54,14 +54,15 @@ def clip_by_layer_norm(
       \min\left(1, \frac{\theta}{\lVert g_\ell \rVert}\right)
       \quad \text{for each layer } \ell
 
-    The per-layer rule of seed 002 ("the norm of each layer"). Unlike
-    :func:`clip_by_global_norm` it changes the relative sizes of the layers'
-    updates: prefer the global rule unless one layer's spikes should not
-    shrink the others' updates. A layer is a leaf of the gradient tree by
-    default (``per="leaf"``, like ``optax.clip_by_block_rms`` with a norm
-    instead of an RMS), or with ``per="module"`` all the leaves a Flax module
-    owns directly (a Dense layer's ``kernel`` and ``bias`` together; in Linen
-    and in NNX state alike).
+    Each layer is clipped by its own norm, as Keras's ``clipnorm`` clips
+    each variable. Unlike :func:`clip_by_global_norm` it changes the
+    relative sizes of the layers' updates: prefer the global rule unless one
+    layer's spikes should not shrink the others' updates. A layer is a leaf
+    of the gradient tree by default (``per="leaf"``, like
+    ``optax.clip_by_block_rms`` with a norm instead of an RMS), or with
+    ``per="module"`` all the leaves a Flax module owns directly (a Dense
+    layer's ``kernel`` and ``bias`` together; in Linen and in NNX state
+    alike).
 
     State: ``norm`` is a tree of float32 scalars, each layer's norm before
     clipping: shaped like the gradient for ``per="leaf"``, a dict from module

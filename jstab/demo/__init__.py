@@ -73,7 +73,7 @@ def run(
       progress: whether to show a progress bar (tqdm) on stderr.
 
     Returns:
-      One :class:`Result` per configuration.
+      One :class:`~jstab.demo.experiments.Result` per configuration.
     """
     from tqdm.auto import tqdm
 

@@ -69,7 +69,7 @@ def adding_problem(
     half of the sequence, and 0 elsewhere. The target is the sum of the two
     marked values. The answer depends on the first half of the sequence, so
     the gradient must cross at least ``length / 2`` steps; predicting 1
-    always gives an MSE of :data:`ADDING_BASELINE` (1/6).
+    always gives an MSE of ``ADDING_BASELINE`` (1/6).
 
     Args:
       key: the PRNG key of the batch.

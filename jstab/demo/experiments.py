@@ -3,7 +3,7 @@
 Each :class:`Config` is one row of the demo's table: a model, what is
 measured at initialization, and an optimizer (Adam, with or without a
 clipping transform before it). :func:`measure` runs it for several seeds and
-returns a :class:`Result`.
+returns a :class:`~jstab.demo.experiments.Result`.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class Config:
         layers replace the first kernels and biases of the initialized
         MLP before anything is measured; or ``None``.
       part: the table the row belongs to (``"cnn"``, ``"optimizers"``,
-        ``"pretraining"``; :data:`jstab.demo.report.PARTS`); the
+        ``"pretraining"``; ``jstab.demo.report.PARTS``); the
         empty string for the task's own (``"digits"``, ``"adding"``).
       full: whether the row runs only in ``jstab demo --full``.
     """
@@ -220,9 +220,10 @@ def _pretrained(method: Callable[..., pretrain.Pretrained]):
     return layers
 
 
-# Optimizers as a remedy (seed 001): the exploding MLP trained with SGD's one
-# step size and with Adagrad's and Adam's per-parameter ones, each with and
-# without clipping. Adam is part A's "ReLU + N(0, 1)" row, again.
+# Optimizers as a remedy (adaptive learning rates are often named as one):
+# the exploding MLP trained with SGD's one step size and with Adagrad's and
+# Adam's per-parameter ones, each with and without clipping. Adam is part
+# A's "ReLU + N(0, 1)" row, again.
 _OPTIMIZERS = {
     "SGD 0.1": lambda: optax.sgd(0.1),
     "momentum (0.01, 0.9)": lambda: optax.sgd(0.01, momentum=0.9),
@@ -245,8 +246,9 @@ _BY_OPTIMIZER = tuple(
 )
 
 
-# Greedy layer-wise pretraining of the deep sigmoid MLP (seed 001), against
-# random initializations of the same network, all fine-tuned with Adam.
+# Greedy layer-wise pretraining of the deep sigmoid MLP (Hinton et al., 2006;
+# Bengio et al., 2007), against random initializations of the same network,
+# all fine-tuned with Adam.
 def _sigmoid(name: str, kernel_init: jstab.Initializer, **kw) -> Config:
     model = _mlp(nn.sigmoid, kernel_init)
     return Config(name, "digits", model, "sigmoid", part="pretraining", **kw)
@@ -377,7 +379,7 @@ def time_gradients(
 ) -> np.ndarray:
     """``‖∂L/∂x_t‖`` at every time step ``t``: how far back the gradient reaches.
 
-    ``L`` is the MSE of ``model`` (a :class:`models.RecurrentRegressor`) on
+    ``L`` is the MSE of ``model`` (a :class:`~jstab.demo.models.RecurrentRegressor`) on
     the sequences ``x`` of shape ``(batch, length, features)`` and the
     targets ``y``. A vanilla RNN whose gradient vanishes over time has a
     first step's norm many decades below the last one's.
@@ -508,11 +510,11 @@ def measure(
       config: the configuration.
       budget: the sizes and the training budget.
       seed: the seed of the initializations, minibatches and test sequences.
-      split: the digits data (:func:`data.digits`); loaded if ``None``.
+      split: the digits data (:func:`~jstab.demo.data.digits`); loaded if ``None``.
       progress: called with the number of steps done, as training goes.
 
     Returns:
-      A :class:`Result`.
+      A :class:`~jstab.demo.experiments.Result`.
     """
     start = time.perf_counter()
     model = config.model(budget)
