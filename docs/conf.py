@@ -54,6 +54,8 @@ nb_execution_mode = "off"
 
 html_theme = "sphinx_book_theme"
 html_title = f"jstab {version}"
+html_static_path = ["_static"]
+html_css_files = ["jstab.css"]
 html_theme_options = {
     "repository_url": "https://github.com/jstab-dev/jstab",
     "use_repository_button": True,
