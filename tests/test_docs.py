@@ -21,7 +21,8 @@ import jstab
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-PAGES = sorted(DOCS.glob("*.md"))
+# docs/README.md is for the writers of the pages, not one of them.
+PAGES = sorted(p for p in DOCS.glob("*.md") if p.name != "README.md")
 FENCE = re.compile(r"^```python\n(.*?)^```", flags=re.DOTALL | re.MULTILINE)
 EXAMPLES = [
     (page.name, index)
