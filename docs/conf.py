@@ -42,6 +42,9 @@ autosummary_generate = True
 # would add noise to every signature.
 autodoc_typehints = "none"
 autodoc_member_order = "bysource"
+# Not a restatement of the default: without it the build warns (a second
+# description of jstab.demo.models.MLP.activation; a field docstring of
+# jstab.demo.experiments.Config read as a type).
 autodoc_default_options = {"members": False}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
