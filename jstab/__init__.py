@@ -6,7 +6,12 @@ diagnostics that tell which of the two problems a model has.
 """
 
 from jstab.clipping import (
+    AdaptiveGradClipState,
     AutoClipState,
+    ClipByGlobalNormState,
+    ClipByLayerNormState,
+    ClipByRangeState,
+    ClipByValueState,
     ClipState,
     SkipState,
     ZClipState,
@@ -23,9 +28,11 @@ from jstab.clipping import (
 )
 from jstab.diagnostics import (
     MonitorState,
+    MonitorUpdatesState,
     SignalReport,
     lsuv,
     monitor_gradients,
+    monitor_updates,
     signal_propagation,
     statistics,
 )
@@ -54,10 +61,16 @@ from jstab.init import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveGradClipState",
     "AutoClipState",
+    "ClipByGlobalNormState",
+    "ClipByLayerNormState",
+    "ClipByRangeState",
+    "ClipByValueState",
     "ClipState",
     "Initializer",
     "MonitorState",
+    "MonitorUpdatesState",
     "SignalReport",
     "SkipState",
     "ZClipState",
@@ -83,6 +96,7 @@ __all__ = [
     "lecun_uniform",
     "lsuv",
     "monitor_gradients",
+    "monitor_updates",
     "orthogonal",
     "signal_propagation",
     "skip_on_spike",

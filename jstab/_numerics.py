@@ -203,11 +203,16 @@ class ClipState(NamedTuple):
     count: chex.Array
 
 
-def init_state(norm: chex.ArrayTree = None) -> ClipState:
-    """The state before the first step: zeros, with ``norm`` shaped like it."""
+def init_state(kind: type[ClipState] = ClipState, norm: chex.ArrayTree = None):
+    """A ``kind`` state before the first step: zeros, ``norm`` shaped like it.
+
+    ``kind`` is :class:`ClipState` or the subclass a rule names its state
+    with (``ClipByGlobalNormState``), so :func:`jstab.statistics` can tell
+    the rules apart.
+    """
     if norm is None:
         norm = jnp.zeros((), jnp.float32)
-    return ClipState(
+    return kind(
         norm=norm,
         clipped=jnp.zeros((), jnp.float32),
         clip_count=jnp.zeros((), jnp.int32),
@@ -215,10 +220,14 @@ def init_state(norm: chex.ArrayTree = None) -> ClipState:
     )
 
 
-def init_scalar_state(params: optax.Params) -> ClipState:
+def scalar_init(kind: type[ClipState]):
     """The ``init`` of a rule whose ``norm`` is a scalar: params do not matter."""
-    del params
-    return init_state()
+
+    def init_fn(params: optax.Params) -> ClipState:
+        del params
+        return init_state(kind)
+
+    return init_fn
 
 
 def advance(state, norm: chex.ArrayTree, clipped: chex.Array):
@@ -423,6 +432,20 @@ def group_norms(
     if which == 2.0:
         return l2
     return jnp.where(jnp.isposinf(jnp.asarray(ord).astype(dtype)), linf(), l2)
+
+
+def combine_norms(norms: chex.Array) -> chex.Array:
+    """``sqrt(sum(n**2))`` of a vector of nonnegative ``norms``, scaled by their max.
+
+    Squaring norms above ~1e19 would overflow float32; dividing by the
+    largest first cannot. A non-finite largest norm is the result itself.
+    """
+    if not norms.size:
+        return jnp.zeros((), jnp.float32)
+    top = jnp.max(norms)
+    ok = jnp.isfinite(top) & (top > 0)
+    unit = norms / jnp.where(ok, top, jnp.ones_like(top))
+    return jnp.where(ok, top * jnp.sqrt(jnp.sum(unit * unit)), top)
 
 
 def global_norm(

@@ -72,6 +72,7 @@ CASES = {
         [0.5],
     ),
     "monitor_gradients": (lambda: jstab.monitor_gradients(), 1.0, []),
+    "monitor_updates": (lambda: jstab.monitor_updates(), 1.0, [1.0]),
 }
 
 

@@ -1,20 +1,31 @@
 """Clipping as Optax gradient transformations whose state records what they did."""
 
 from jstab._numerics import ClipState
-from jstab.clipping._agc import adaptive_grad_clip
+from jstab.clipping._agc import AdaptiveGradClipState, adaptive_grad_clip
 from jstab.clipping._autoclip import AutoClipState, autoclip
 from jstab.clipping._global_norm import (
+    ClipByGlobalNormState,
     clip_by_global_norm,
     clip_grad_norm,
     global_norm,
 )
-from jstab.clipping._layer_norm import clip_by_layer_norm
+from jstab.clipping._layer_norm import ClipByLayerNormState, clip_by_layer_norm
 from jstab.clipping._skip import SkipState, skip_on_spike
-from jstab.clipping._value import clip_by_range, clip_by_value
+from jstab.clipping._value import (
+    ClipByRangeState,
+    ClipByValueState,
+    clip_by_range,
+    clip_by_value,
+)
 from jstab.clipping._zclip import ZClipState, zclip
 
 __all__ = [
+    "AdaptiveGradClipState",
     "AutoClipState",
+    "ClipByGlobalNormState",
+    "ClipByLayerNormState",
+    "ClipByRangeState",
+    "ClipByValueState",
     "ClipState",
     "SkipState",
     "ZClipState",

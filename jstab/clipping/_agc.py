@@ -11,6 +11,13 @@ import optax
 from jstab import _checks, _numerics
 from jstab._numerics import ClipState, ScalarOrSchedule
 
+
+class AdaptiveGradClipState(ClipState):
+    """The state of :func:`adaptive_grad_clip`: the fields of :class:`ClipState`."""
+
+    __slots__ = ()
+
+
 Axis = int | tuple[int, ...] | None
 
 
@@ -82,8 +89,8 @@ def adaptive_grad_clip(
         ``optax.adaptive_grad_clip``.
 
     Returns:
-      A :class:`optax.GradientTransformation` with a :class:`ClipState`. Its
-      ``update`` needs ``params``.
+      A :class:`optax.GradientTransformation` with an
+      :class:`AdaptiveGradClipState`. Its ``update`` needs ``params``.
 
     References:
       Brock et al., `High-Performance Large-Scale Image Recognition Without
@@ -94,9 +101,10 @@ def adaptive_grad_clip(
         _checks.nonnegative("eps", eps)
     axis = _static_axis(axis)
 
-    def init_fn(params: optax.Params) -> ClipState:
+    def init_fn(params: optax.Params) -> AdaptiveGradClipState:
         return _numerics.init_state(
-            jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
+            AdaptiveGradClipState,
+            jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params),
         )
 
     def update_fn(updates, state, params=None):

@@ -167,7 +167,7 @@ def autoclip(
             )
         size = _checks.integer_at_least("history", history, 1)
         return AutoClipState(
-            **_numerics.init_scalar_state(params)._asdict(),
+            **_numerics.init_state()._asdict(),
             threshold=jnp.zeros((), jnp.float32),
             history=jnp.zeros((size,), jnp.float32),
             filled=jnp.zeros((), jnp.int32),

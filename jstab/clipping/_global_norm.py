@@ -8,7 +8,13 @@ import jax.numpy as jnp
 import optax
 
 from jstab import _numerics
-from jstab._numerics import AxisName, ScalarOrSchedule
+from jstab._numerics import AxisName, ClipState, ScalarOrSchedule
+
+
+class ClipByGlobalNormState(ClipState):
+    """The state of :func:`clip_by_global_norm`: the fields of :class:`ClipState`."""
+
+    __slots__ = ()
 
 
 def clip_by_global_norm(
@@ -55,7 +61,7 @@ def clip_by_global_norm(
         with sharded arrays, where the norm is global already.
 
     Returns:
-      A :class:`optax.GradientTransformation` with a :class:`ClipState`.
+      A :class:`optax.GradientTransformation` with a :class:`ClipByGlobalNormState`.
 
     Example:
       >>> import jax.numpy as jnp, optax, jstab
@@ -77,7 +83,9 @@ def clip_by_global_norm(
         out, norm, clipped = _clip(updates, max_norm, state.count, ord, axis_name)
         return out, _numerics.advance(state, norm, clipped)
 
-    return optax.GradientTransformation(_numerics.init_scalar_state, update_fn)
+    return optax.GradientTransformation(
+        _numerics.scalar_init(ClipByGlobalNormState), update_fn
+    )
 
 
 def _clip(tree, max_norm, count, ord, axis_name):

@@ -13,6 +13,13 @@ from jax.tree_util import GetAttrKey, keystr
 from jstab import _checks, _numerics
 from jstab._numerics import AxisName, ClipState, ScalarOrSchedule
 
+
+class ClipByLayerNormState(ClipState):
+    """The state of :func:`clip_by_layer_norm`: the fields of :class:`ClipState`."""
+
+    __slots__ = ()
+
+
 Per = Literal["leaf", "module"]
 
 
@@ -83,15 +90,16 @@ def clip_by_layer_norm(
         with sharded arrays.
 
     Returns:
-      A :class:`optax.GradientTransformation` with a :class:`ClipState`.
+      A :class:`optax.GradientTransformation` with a :class:`ClipByLayerNormState`.
     """
     _numerics.check_threshold("max_norm", max_norm)
     _numerics.static_ord(ord)
     _checks.one_of("per", per, typing.get_args(Per))
 
-    def init_fn(params: optax.Params) -> ClipState:
+    def init_fn(params: optax.Params) -> ClipByLayerNormState:
         leaves, groups, pack = _layers(params, per)
-        return _numerics.init_state(pack([jnp.zeros((), jnp.float32) for _ in groups]))
+        zeros = pack([jnp.zeros((), jnp.float32) for _ in groups])
+        return _numerics.init_state(ClipByLayerNormState, zeros)
 
     def update_fn(updates, state, params=None):
         del params

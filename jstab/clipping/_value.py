@@ -15,6 +15,18 @@ from jstab import _numerics
 from jstab._numerics import ClipState, ScalarOrSchedule
 
 
+class ClipByValueState(ClipState):
+    """The state of :func:`clip_by_value`: the fields of :class:`ClipState`."""
+
+    __slots__ = ()
+
+
+class ClipByRangeState(ClipState):
+    """The state of :func:`clip_by_range`: the fields of :class:`ClipState`."""
+
+    __slots__ = ()
+
+
 def _inward(bound, dtype: jnp.dtype, toward: float) -> chex.Array:
     """``bound`` rounded into ``dtype``, toward ``toward`` if it is not exact.
 
@@ -103,7 +115,7 @@ def clip_by_value(max_abs: ScalarOrSchedule) -> optax.GradientTransformation:
         negative or NaN counts as 0: every element is clipped to 0.
 
     Returns:
-      A :class:`optax.GradientTransformation` with a :class:`ClipState`.
+      A :class:`optax.GradientTransformation` with a :class:`ClipByValueState`.
 
     Example:
       >>> import jax.numpy as jnp, jstab
@@ -126,7 +138,9 @@ def clip_by_value(max_abs: ScalarOrSchedule) -> optax.GradientTransformation:
             c = _numerics.effective(c)
         return _clip_elements(updates, state, -c, c, symmetric=True)
 
-    return optax.GradientTransformation(_numerics.init_scalar_state, update_fn)
+    return optax.GradientTransformation(
+        _numerics.scalar_init(ClipByValueState), update_fn
+    )
 
 
 def clip_by_range(
@@ -148,7 +162,7 @@ def clip_by_range(
         run-time range with α > β clips every element to 0.
 
     Returns:
-      A :class:`optax.GradientTransformation` with a :class:`ClipState`.
+      A :class:`optax.GradientTransformation` with a :class:`ClipByRangeState`.
     """
     _numerics.check_threshold("lower", lower, strict=False)
     _numerics.check_threshold("upper", upper, strict=False)
@@ -169,4 +183,6 @@ def clip_by_range(
             lo, hi = (jnp.where(empty, jnp.zeros((), dtype), b) for b in (lo, hi))
         return _clip_elements(updates, state, lo, hi, symmetric=False)
 
-    return optax.GradientTransformation(_numerics.init_scalar_state, update_fn)
+    return optax.GradientTransformation(
+        _numerics.scalar_init(ClipByRangeState), update_fn
+    )

@@ -25,10 +25,14 @@ class ZClipState(NamedTuple):
         clipped to ``max_norm`` included).
       count: int32, the number of steps seen; a ``max_norm`` schedule is
         evaluated at it.
-      threshold: float32, the norm the gradient was clipped to: the smaller
-        of ``max_norm`` and the adaptive threshold when a spike was detected,
-        else of ``max_norm`` and the norm itself (the authors' "effective
-        clip"). The output norm never exceeds it.
+      threshold: float32, the detection threshold μ + z_thresh·σ from the
+        statistics after this step (the norm above which the next step is a
+        spike, in either mode), capped by ``max_norm``; during warm-up,
+        ``max_norm`` or ``inf``. The line a norm plot draws beside ``norm``.
+      applied_threshold: float32, the norm the gradient was clipped to: the
+        smaller of ``max_norm`` and the adaptive threshold when a spike was
+        detected, else of ``max_norm`` and the norm itself (the authors'
+        "effective clip"). The output norm never exceeds it.
       spike: bool, whether this step's norm was detected as a spike.
       mean: float32, the running mean μ of the norm.
       var: float32, the running (population) variance σ² of the norm.
@@ -41,6 +45,7 @@ class ZClipState(NamedTuple):
     clip_count: chex.Array
     count: chex.Array
     threshold: chex.Array
+    applied_threshold: chex.Array
     spike: chex.Array
     mean: chex.Array
     var: chex.Array
@@ -66,6 +71,18 @@ def _adaptive_threshold(norm, moments, z_thresh, eps, mode, clip_option, factor)
     eta = jnp.where(spike, z, z_thresh) / z_thresh
     scaled = (mean + (z_thresh * std) / eta) * jnp.asarray(factor).astype(jnp.float32)
     return spike, scaled
+
+
+def _detection_threshold(moments, z_thresh, warmup_steps, cap):
+    """μ + z_thresh·σ, capped by ``cap``; ``cap`` itself before warm-up ends.
+
+    The z-test's own bound is μ + z_thresh·(σ + eps): ``eps`` (1e-6 by
+    default) only keeps it defined when σ = 0, so the logged line leaves it out.
+    """
+    z_thresh = jnp.asarray(z_thresh).astype(jnp.float32)
+    bound = moments.mean + z_thresh * jnp.sqrt(moments.var)
+    bound = jnp.minimum(bound, cap)
+    return jnp.where(_running.ready(moments, warmup_steps), bound, cap)
 
 
 def zclip(
@@ -169,8 +186,9 @@ def zclip(
 
     def init_fn(params):
         return ZClipState(
-            **_numerics.init_scalar_state(params)._asdict(),
+            **_numerics.init_state()._asdict(),
             threshold=jnp.zeros((), jnp.float32),
+            applied_threshold=jnp.zeros((), jnp.float32),
             spike=jnp.zeros((), jnp.bool_),
             **_running.init()._asdict(),
         )
@@ -186,18 +204,21 @@ def zclip(
         )
         spike = warm & spike
         v = jnp.where(spike, _numerics.effective(v), norm.astype(jnp.float32))
-        threshold = v
+        cap = jnp.asarray(jnp.inf, jnp.float32)
         if max_norm is not None:
             cap = _numerics.threshold(max_norm, state.count, jnp.float32)
-            threshold = jnp.minimum(v, cap)
-        out, clipped = _numerics.clip_to_norm(leaves, norm, threshold)
+        applied = jnp.minimum(v, cap)
+        out, clipped = _numerics.clip_to_norm(leaves, norm, applied)
         take = jnp.isfinite(norm) & jnp.isfinite(v)
         if skip_update_on_spike:
             take = take & ~spike
         # During warm-up the statistics collect the norm itself.
         moments = _running.observe(moments, v, take, alpha, warmup_steps)
         new = _numerics.advance(state, norm, clipped)._replace(
-            threshold=lax.stop_gradient(threshold),
+            threshold=lax.stop_gradient(
+                _detection_threshold(moments, z_thresh, warmup_steps, cap)
+            ),
+            applied_threshold=lax.stop_gradient(applied),
             spike=spike,
             **moments._asdict(),
         )

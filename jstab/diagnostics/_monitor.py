@@ -38,20 +38,6 @@ class MonitorState(NamedTuple):
     exploding: chex.Array
 
 
-def _combine(norms: chex.Array) -> chex.Array:
-    """``sqrt(sum(n**2))`` of a vector of nonnegative ``norms``, scaled by their max.
-
-    Squaring norms above ~1e19 would overflow float32; dividing by the
-    largest first cannot. A non-finite largest norm is the result itself.
-    """
-    if not norms.size:
-        return jnp.zeros((), jnp.float32)
-    top = jnp.max(norms)
-    ok = jnp.isfinite(top) & (top > 0)
-    unit = norms / jnp.where(ok, top, jnp.ones_like(top))
-    return jnp.where(ok, top * jnp.sqrt(jnp.sum(unit * unit)), top)
-
-
 #: Float32 counts the NaN and infinite elements of a leaf of at most this
 #: many exactly: every partial sum of the zeros and ones is an integer no
 #: greater than 2**24.
@@ -163,7 +149,7 @@ def monitor_gradients(
         norms = _numerics.group_norms(watched, groups, 2, axis_name, zero=True)
         kernels = [i for i, x in enumerate(leaves) if x.ndim >= 2]
         nonfinite = _count_nonfinite(watched, norms, axis_name)
-        total = _combine(norms)
+        total = _numerics.combine_norms(norms)
         exploding = (total > exploding_norm) | (nonfinite > 0)
         (to32,) = _numerics.unstack(norms.astype(jnp.float32))
         new_state = MonitorState(

@@ -35,6 +35,12 @@ class _Reference:
     def _cap(self, value):
         return value if self.max_norm is None else min(value, self.max_norm)
 
+    def detection(self):
+        """μ + z_thresh·σ capped by ``max_norm`` (``max_norm`` or inf in warm-up)."""
+        if self.mean is None:
+            return self._cap(math.inf)
+        return self._cap(self.mean + self.z_thresh * math.sqrt(self.var))
+
     def step(self, norm):
         """Returns (threshold in force, spike?) and updates the statistics."""
         norm = float(norm)
@@ -90,7 +96,8 @@ class ZClipTest(chex.TestCase):
             out, state = step(grad_of_norm(n), state)
             threshold, spike = ref.step(n)
             assert bool(state.spike) == spike, t
-            np.testing.assert_allclose(state.threshold, threshold, rtol=2e-5)
+            np.testing.assert_allclose(state.applied_threshold, threshold, rtol=2e-5)
+            np.testing.assert_allclose(state.threshold, ref.detection(), rtol=2e-5)
             np.testing.assert_allclose(
                 out["a"], [n * min(1.0, threshold / n)], rtol=2e-5
             )
@@ -180,7 +187,10 @@ class ZClipTest(chex.TestCase):
             _, state = step(grad_of_norm(n), state)
             threshold, _ = ref.step(n)
             np.testing.assert_allclose(
-                optax.tree.get(state, "threshold"), threshold, rtol=2e-5
+                optax.tree.get(state, "applied_threshold"), threshold, rtol=2e-5
+            )
+            np.testing.assert_allclose(
+                optax.tree.get(state, "threshold"), ref.detection(), rtol=2e-5
             )
         state.hyperparams["z_thresh"] = jnp.asarray(1e6, jnp.float32)
         _, state = step(grad_of_norm(1e4), state)

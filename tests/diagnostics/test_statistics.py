@@ -54,18 +54,18 @@ def _nested(warmup=2):
 _LAYERS = ("Dense_0/bias", "Dense_0/kernel", "Dense_1/bias", "Dense_1/kernel")
 _LAYERS += ("Dense_2/bias", "Dense_2/kernel")
 EXPECTED = (
-    ["clip_0/norm/Dense_0/kernel", "clip_0/norm/Dense_2/kernel"]
-    + ["clip_0/clipped", "clip_0/clip_count"]
+    ["clip_by_layer_norm/norm/Dense_0/kernel", "clip_by_layer_norm/norm/Dense_2/kernel"]
+    + ["clip_by_layer_norm/clipped", "clip_by_layer_norm/clip_count"]
     + ["autoclip/norm", "autoclip/clipped", "autoclip/clip_count"]
     + ["autoclip/threshold"]
     + ["skip_on_spike/skipped", "skip_on_spike/skip_count", "skip_on_spike/norm"]
     + ["skip_on_spike/mean", "skip_on_spike/std"]
-    + ["monitor/global_norm", "monitor/nonfinite", "monitor/vanishing"]
-    + ["monitor/exploding"]
-    + [f"monitor/layer_norms/{name}" for name in _LAYERS]
+    + ["monitor_gradients/global_norm", "monitor_gradients/nonfinite"]
+    + ["monitor_gradients/vanishing", "monitor_gradients/exploding"]
+    + [f"monitor_gradients/layer_norms/{name}" for name in _LAYERS]
     + ["zclip/norm", "zclip/clipped", "zclip/clip_count", "zclip/threshold"]
     + ["zclip/spike", "zclip/mean", "zclip/std"]
-    + ["clip_1/norm", "clip_1/clipped", "clip_1/clip_count"]
+    + ["clip_by_value/norm", "clip_by_value/clipped", "clip_by_value/clip_count"]
 )
 
 
@@ -106,12 +106,15 @@ def test_values_are_the_fields(nested_state):
         ("AutoClipState", "autoclip", ("norm", "clipped", "clip_count", "threshold")),
         ("ZClipState", "zclip", ("norm", "clipped", "threshold", "spike", "mean")),
         ("SkipState", "skip_on_spike", ("skipped", "skip_count", "norm", "mean")),
-        ("MonitorState", "monitor", ("global_norm", "nonfinite", "exploding")),
-        ("ClipState", "clip_1", ("norm", "clipped", "clip_count")),
+        (
+            "MonitorState",
+            "monitor_gradients",
+            ("global_norm", "nonfinite", "exploding"),
+        ),
+        ("ClipByValueState", "clip_by_value", ("norm", "clipped", "clip_count")),
     ]:
-        index = 1 if name == "clip_1" else 0
         for field in fields:
-            want = _get(s, field, kind, index)
+            want = _get(s, field, kind)
             assert stats[f"{name}/{field}"].dtype == want.dtype
             np.testing.assert_array_equal(stats[f"{name}/{field}"], want)
     for kind, name in [("ZClipState", "zclip"), ("SkipState", "skip_on_spike")]:
@@ -119,13 +122,13 @@ def test_values_are_the_fields(nested_state):
             stats[f"{name}/std"], jnp.sqrt(_get(s, "var", kind))
         )
     layer_norms = optax.tree.get(s, "layer_norms")
-    clip_norms = _get(s, "norm", "ClipState", 0)
+    clip_norms = _get(s, "norm", "ClipByLayerNormState")
     for layer in _LAYERS:
         module, leaf = layer.split("/")
         want = layer_norms[module][leaf]
-        assert stats[f"monitor/layer_norms/{layer}"] == want
+        assert stats[f"monitor_gradients/layer_norms/{layer}"] == want
         if layer.endswith("kernel") and module != "Dense_1":
-            assert stats[f"clip_0/norm/{layer}"] == clip_norms[module][leaf]
+            assert stats[f"clip_by_layer_norm/norm/{layer}"] == clip_norms[module][leaf]
 
 
 def test_under_jit(nested_state):
@@ -148,13 +151,14 @@ def test_returned_from_a_jitted_step():
         return optax.apply_updates(params, updates), state, jstab.statistics(state)
 
     params, state, stats = step(params, tx.init(params))
-    assert float(stats["clip/norm"]) == float(stats["monitor/global_norm"])
-    assert float(stats["clip/clipped"]) == 1.0
+    norm = stats["clip_by_global_norm/norm"]
+    assert float(norm) == float(stats["monitor_gradients/global_norm"])
+    assert float(stats["clip_by_global_norm/clipped"]) == 1.0
     host = jax.device_get(stats)
     assert all(np.ndim(v) == 0 for v in host.values())
 
 
-def test_positions_follow_the_chain():
+def test_keys_are_the_rules_names_in_chain_order():
     tx = optax.chain(
         jstab.clip_by_value(0.5), jstab.clip_by_global_norm(1.0), optax.sgd(0.1)
     )
@@ -162,15 +166,15 @@ def test_positions_follow_the_chain():
     _, state = tx.update(g, tx.init(g))
     stats = jstab.statistics(state)
     assert list(stats) == [
-        "clip_0/norm",
-        "clip_0/clipped",
-        "clip_0/clip_count",
-        "clip_1/norm",
-        "clip_1/clipped",
-        "clip_1/clip_count",
+        "clip_by_value/norm",
+        "clip_by_value/clipped",
+        "clip_by_value/clip_count",
+        "clip_by_global_norm/norm",
+        "clip_by_global_norm/clipped",
+        "clip_by_global_norm/clip_count",
     ]
-    assert float(stats["clip_0/norm"]) == 4.0  # the value rule's largest |g|
-    np.testing.assert_allclose(stats["clip_1/norm"], np.sqrt(0.5), rtol=1e-7)
+    assert float(stats["clip_by_value/norm"]) == 4.0  # the largest |g|
+    np.testing.assert_allclose(stats["clip_by_global_norm/norm"], np.sqrt(0.5))
 
 
 def test_nnx_optimizer_state():
@@ -190,14 +194,14 @@ def test_nnx_optimizer_state():
     stats = train_step(model, optimizer)
     layers = ["head/bias", "head/kernel", "layers/0/bias", "layers/0/kernel"]
     assert sorted(k for k in stats if "layer_norms" in k) == [
-        f"monitor/layer_norms/{name}" for name in layers
+        f"monitor_gradients/layer_norms/{name}" for name in layers
     ]
     assert all(isinstance(v, jax.Array) for v in stats.values())
     eager = jstab.statistics(optimizer.opt_state)
     assert all(isinstance(v, jax.Array) for v in eager.values())
     # The monitor combines per-leaf norms: the same norm to within rounding.
     assert float(eager["zclip/norm"]) == pytest.approx(
-        float(stats["monitor/global_norm"]), rel=1e-6
+        float(stats["monitor_gradients/global_norm"]), rel=1e-6
     )
     assert float(eager["zclip/norm"]) == float(stats["zclip/norm"])
 
