@@ -148,10 +148,16 @@ def same_tree(name: str, expected: object, got: object, what: str = "updates") -
         for label, items in (("missing:", missing), ("unexpected:", extra))
         if items
     )
+    detail = detail or f"{want} against {have}"
+    if what == "params":  # ``expected`` is the updates here, not init's tree
+        raise ValueError(
+            f"`{name}`: the `params` passed to update have another tree than "
+            f"the updates ({detail}). Pass the parameters the updates are for."
+        )
     raise ValueError(
         f"`{name}` was initialized for another tree than the `{what}` it got "
-        f"({detail or f'{want} against {have}'}). Call `init` with a tree of "
-        "the same structure as the gradients."
+        f"({detail}). Call `init` with a tree of the same structure as the "
+        "gradients."
     )
 
 

@@ -82,7 +82,8 @@ def _bench_parser(commands) -> None:
         description=(
             "Time a jit-compiled optimizer step (update and apply, buffers "
             "donated) with each clipping rule of jstab and Optax chained "
-            "before the optimizer, against the optimizer alone, on "
+            "before the optimizer (a monitor of updates: after it), against "
+            "the optimizer alone, on "
             "parameter trees shaped like a ResNet-50, a Transformer and "
             "2000 tiny leaves, and a whole training step of a deep MLP. "
             "Prints a table per tree: median time, the median of paired "

@@ -330,10 +330,12 @@ def plot_history(
 
     A key's panel is its group, the key without its last part: the norm,
     threshold and running mean of ``"zclip/..."`` share the panel
-    ``zclip``, and a key without ``/`` (``"loss"``) has one of its own.
+    ``zclip``, and a key without ``/`` (``"loss"``) has one of its own, at
+    the top.
     Per-layer keys (``".../layer_norms/<layer>"``, ``".../norm/<layer>"``
     and the like) share one panel per field, one line per layer. Panels are
-    stacked in the order their keys first appear, on a shared step axis.
+    stacked in the order their keys first appear (a history returned from
+    ``jax.jit`` has its keys sorted), on a shared step axis.
 
     Norms, thresholds, means and standard deviations are drawn on a log
     axis, where values it cannot draw are gaps; thresholds are dashed.
@@ -376,7 +378,7 @@ def plot_history(
       ... ]
       >>> fig = plot_history(history)
       >>> [ax.get_title() for ax in fig.axes]
-      ['zclip', 'loss']
+      ['loss', 'zclip']
     """
     data = _history(history)
     n = next(iter(data.values())).size
@@ -416,7 +418,8 @@ def plot_history(
                 f"got {unknown or 'none'}."
             )
     groups: dict[str, list[str]] = {}
-    for key in chosen:
+    # The user's own keys ("loss") first, then the rules', in order met.
+    for key in sorted(chosen, key=lambda k: "/" in k):
         groups.setdefault(split[key][0], []).append(key)
     skipped = np.zeros(n, dtype=bool)
     for key, (_, field, _, per_layer) in split.items():

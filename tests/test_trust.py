@@ -135,6 +135,7 @@ FIELDS = {
         "clip_count",
         "count",
         "threshold",
+        "applied_threshold",
         "spike",
         "mean",
         "var",
@@ -157,12 +158,47 @@ FIELDS = {
         "vanishing",
         "exploding",
     ),
+    jstab.MonitorUpdatesState: (
+        "update_norms",
+        "param_norms",
+        "update_ratio",
+        "global_update_norm",
+        "global_param_norm",
+    ),
 }
+# Each rule's own state class: a ClipState with its fields.
+for _rule_state in (
+    jstab.ClipByValueState,
+    jstab.ClipByRangeState,
+    jstab.ClipByGlobalNormState,
+    jstab.ClipByLayerNormState,
+    jstab.AdaptiveGradClipState,
+):
+    FIELDS[_rule_state] = FIELDS[jstab.ClipState]
 
 
 @pytest.mark.parametrize("cls", list(FIELDS), ids=lambda c: c.__name__)
 def test_state_field_names(cls):
     assert cls._fields == FIELDS[cls]
+
+
+@pytest.mark.parametrize(
+    "build, cls",
+    [
+        (lambda: jstab.clip_by_value(1.0), jstab.ClipByValueState),
+        (lambda: jstab.clip_by_range(-1.0, 1.0), jstab.ClipByRangeState),
+        (lambda: jstab.clip_by_global_norm(1.0), jstab.ClipByGlobalNormState),
+        (lambda: jstab.clip_by_layer_norm(1.0), jstab.ClipByLayerNormState),
+        (lambda: jstab.adaptive_grad_clip(0.1), jstab.AdaptiveGradClipState),
+    ],
+)
+def test_each_clipping_rule_keeps_its_own_state_class(build, cls):
+    """So that ``statistics`` names each rule's keys after the rule."""
+    tx, params = build(), _params()
+    state = tx.init(params)
+    _, new = jax.jit(tx.update)(params, state, params)
+    assert type(state) is type(new) is cls
+    assert isinstance(new, jstab.ClipState)
 
 
 @pytest.mark.parametrize(

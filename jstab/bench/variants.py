@@ -1,7 +1,8 @@
 """What the benchmark compares: each clipping rule of jstab and of Optax.
 
 Every variant is a whole optimizer, ``optax.chain(clip, optimizer)`` (or a
-wrapper around it), timed against the optimizer alone. The thresholds are set
+wrapper around it; a monitor of updates comes after the optimizer), timed
+against the optimizer alone. The thresholds are set
 for :func:`jstab.bench.trees.make`'s gradients (global norm 10, elements of
 about 1e-3) so that every rule acts at every step.
 """
@@ -82,6 +83,12 @@ def default() -> dict[str, Variant]:
         "jstab.zclip": _chained(jstab.zclip(), 1, "adaptive global norm"),
         "jstab.monitor_gradients": _chained(
             jstab.monitor_gradients(), 1, "monitor (no clipping)"
+        ),
+        # After the optimizer: the norms of the update and of the parameters.
+        "jstab.monitor_updates": Variant(
+            lambda opt: optax.chain(opt, jstab.monitor_updates()),
+            2,
+            "monitor (no clipping)",
         ),
         "jstab.skip_on_spike": Variant(
             lambda opt: jstab.skip_on_spike(opt, z_thresh=3.0), 1, "skip the step"

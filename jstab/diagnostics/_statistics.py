@@ -200,7 +200,8 @@ def statistics(
         transforms' own statistics are global already.
 
     Returns:
-      A dict from key to scalar array, in the order the states are met;
+      A dict from key to scalar array, in the order the states are met
+      (a dict returned from ``jax.jit`` comes back with its keys sorted);
       empty when ``opt_state`` holds no state it knows.
 
     Example:

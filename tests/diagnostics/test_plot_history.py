@@ -101,6 +101,14 @@ def test_both_shapes_of_a_history_draw_the_same_lines():
 
 def test_keys_share_a_panel_per_rule_in_the_order_they_appear():
     fig = plot_history(STEPS)
+    # The user's own keys first, then the rules' in the order they appear.
+    assert [ax.get_title() for ax in fig.axes] == [
+        "loss",
+        "clip/clip_by_global_norm",
+        "clip_by_global_norm_1",
+        "zclip",
+        "adam",
+    ]
     assert panels(fig) == {
         "clip/clip_by_global_norm": ["norm"],
         "clip_by_global_norm_1": ["norm"],
@@ -203,11 +211,11 @@ def test_skipped_steps_are_red_lines_in_every_panel():
         for i in range(10)
     ]
     fig = plot_history(history, steps=np.arange(10) * 10)
-    assert [ax.get_title() for ax in fig.axes] == ["skip_on_spike", "loss"]
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "skip_on_spike"]
     for ax in fig.axes:
         np.testing.assert_array_equal(skip_lines(ax), [30, 70, 90])
-    assert legend_texts(fig.axes[0]) == ["norm", "skipped (3)"]
-    assert legend_texts(fig.axes[1]) == ["loss"]  # once, in the first panel
+    assert legend_texts(fig.axes[0]) == ["loss", "skipped (3)"]
+    assert legend_texts(fig.axes[1]) == ["norm"]  # once, in the first panel
     never = plot_history([{"skip_on_spike/skipped": False, "loss": 1.0}])
     assert not never.axes[0].collections
 
