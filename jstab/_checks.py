@@ -173,3 +173,14 @@ def same_shapes(name: str, expected: object, got: object, what: str) -> None:
                 f"`{name}`: the leaf at {jax.tree_util.keystr(path)} has shape "
                 f"{np.shape(y)} in `{what}` and {np.shape(x)} in the updates."
             )
+
+
+def params_like(name: str, updates: object, params: object) -> None:
+    """Raises unless ``params`` were passed and have the tree and shapes of
+    ``updates``: for the transforms that measure the parameters too."""
+    if params is None:
+        raise ValueError(
+            f"{name} needs the parameters: call tx.update(updates, state, params)."
+        )
+    same_tree(name, updates, params, what="params")
+    same_shapes(name, updates, params, what="params")

@@ -23,6 +23,7 @@ PER_LEAF = {
     "clip_by_layer_norm module": lambda: jstab.clip_by_layer_norm(1.0, per="module"),
     "adaptive_grad_clip": lambda: jstab.adaptive_grad_clip(0.1),
     "monitor_gradients": lambda: jstab.monitor_gradients(),
+    "monitor_updates": lambda: jstab.monitor_updates(),
 }
 
 

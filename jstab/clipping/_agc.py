@@ -108,14 +108,8 @@ def adaptive_grad_clip(
         )
 
     def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError(
-                "adaptive_grad_clip needs the parameters: call "
-                "tx.update(updates, state, params)."
-            )
+        _checks.params_like("adaptive_grad_clip", updates, params)
         _checks.same_tree("adaptive_grad_clip", state.norm, updates)
-        _checks.same_tree("adaptive_grad_clip", updates, params, what="params")
-        _checks.same_shapes("adaptive_grad_clip", updates, params, what="params")
         leaves, treedef = jax.tree.flatten(updates)
         weights = treedef.flatten_up_to(params)
         axes = [_unit_axes(g, axis) for g in leaves]

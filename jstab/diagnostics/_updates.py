@@ -101,14 +101,8 @@ def monitor_updates(*, axis_name: AxisName = None) -> optax.GradientTransformati
         )
 
     def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError(
-                "monitor_updates needs the parameters: call "
-                "tx.update(updates, state, params)."
-            )
+        _checks.params_like("monitor_updates", updates, params)
         _checks.same_tree("monitor_updates", state.update_norms, updates)
-        _checks.same_tree("monitor_updates", updates, params, what="params")
-        _checks.same_shapes("monitor_updates", updates, params, what="params")
         leaves, treedef = jax.tree.flatten(updates)
         weights = treedef.flatten_up_to(params)
         groups = [[i] for i in range(len(leaves))]

@@ -188,17 +188,7 @@ def test_update_without_params_is_an_error():
         jax.jit(tx.update)(_params(), state)
 
 
-def test_a_tree_other_than_inits_is_an_error_at_trace_time():
-    tx = jstab.monitor_updates()
-    state = tx.init(_params())
-    other = _params()
-    other["Dense_2"] = {"kernel": jnp.ones((1, 1))}
-    with pytest.raises(ValueError, match=r"another tree.*unexpected: \['Dense_2'\]"):
-        jax.jit(tx.update)(other, state, other)
-    fewer = _params()
-    del fewer["Dense_1"]
-    with pytest.raises(ValueError, match=r"missing: \['Dense_1'\]"):
-        jax.jit(tx.update)(fewer, state, fewer)
+# A tree other than init's: tests/test_trust.py, with the other per-leaf rules.
 
 
 def test_params_other_than_the_updates_are_an_error():

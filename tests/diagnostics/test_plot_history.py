@@ -1,7 +1,6 @@
 """plot_history draws a logged history of jstab.statistics, one panel per rule."""
 
 import doctest
-import io
 
 import jax
 import jax.numpy as jnp
@@ -11,25 +10,13 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
+from _figures import PNG_SIGNATURE, legend_texts, png  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 import jstab  # noqa: E402
 from jstab import plots  # noqa: E402
 from jstab.plots import plot_history  # noqa: E402
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def png(fig: Figure) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=30)
-    return buffer.getvalue()
-
-
-def legend_texts(ax) -> list[str]:
-    legend = ax.get_legend()
-    return [] if legend is None else [t.get_text() for t in legend.get_texts()]
 
 
 def panels(fig: Figure) -> dict[str, list[str]]:

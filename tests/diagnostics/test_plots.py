@@ -1,6 +1,5 @@
 """The plots draw reports and training curves without a display or warnings."""
 
-import io
 import subprocess
 import sys
 import types
@@ -11,11 +10,10 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
+from _figures import PNG_SIGNATURE, legend_texts, png  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from jstab import plots  # noqa: E402
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def fake_report(grad_norm, activation_std=None, *, vanishing=False, exploding=False):
@@ -32,17 +30,6 @@ def fake_report(grad_norm, activation_std=None, *, vanishing=False, exploding=Fa
         vanishing=vanishing,
         exploding=exploding,
     )
-
-
-def png(fig: Figure) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=30)
-    return buffer.getvalue()
-
-
-def legend_texts(ax) -> list[str]:
-    legend = ax.get_legend()
-    return [] if legend is None else [t.get_text() for t in legend.get_texts()]
 
 
 PER_LAYER = [

@@ -215,3 +215,22 @@ def test_no_jstab_state_gives_an_empty_dict():
 def test_docstring_example():
     result = doctest.testmod(_statistics, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_reading_the_statistics_adds_no_computation_to_a_step():
+    """Without moments, ``statistics`` reads the state: only ``std`` is computed."""
+    params, _ = _linen_problem(depth=2)
+    tx = optax.chain(
+        jstab.monitor_gradients(),
+        jstab.clip_by_layer_norm(1.0),
+        jstab.zclip(),
+        jstab.skip_on_spike(optax.adam(1e-3), z_thresh=3.0),
+        jstab.monitor_updates(),
+    )
+    state = tx.init(params)
+    jaxpr = jax.make_jaxpr(jstab.statistics)(state)
+    assert {eqn.primitive.name for eqn in jaxpr.eqns} == {"sqrt"}
+    assert len(jaxpr.eqns) == 2  # zclip's and the skip's std
+    # The moments' norms are computed: reductions over Adam's mu and nu.
+    moments = jax.make_jaxpr(lambda s: jstab.statistics(s, moments=True))(state)
+    assert len(moments.eqns) > len(jaxpr.eqns)
