@@ -41,16 +41,23 @@ def test_a_gradient_tree_other_than_inits_is_an_error_at_trace_time(name):
         jax.jit(tx.update)(fewer, state, fewer)
 
 
-def test_agc_checks_the_params_against_the_updates():
-    tx = jstab.adaptive_grad_clip(0.1)
+@pytest.mark.parametrize(
+    "build", [lambda: jstab.adaptive_grad_clip(0.1), jstab.monitor_updates]
+)
+def test_the_rules_that_read_params_check_them_against_the_updates(build):
+    tx = build()
     state = tx.init(_params())
     params = _params()
     params["Dense_1"]["kernel"] = jnp.ones((2, 3))
     with pytest.raises(ValueError, match=r"\['Dense_1'\]\['kernel'\] has shape"):
         jax.jit(tx.update)(_params(), state, params)
     del params["Dense_1"]
-    with pytest.raises(ValueError, match="`params`"):
+    with pytest.raises(
+        ValueError, match=r"`params` passed to update .* \(missing: \['Dense_1'\]"
+    ):
         jax.jit(tx.update)(_params(), state, params)
+    with pytest.raises(ValueError, match="needs the parameters"):
+        jax.jit(tx.update)(_params(), state)
 
 
 def test_the_same_tree_passes_in_a_chain_under_jit():
