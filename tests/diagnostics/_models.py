@@ -66,3 +66,26 @@ class NnxMLP(nnx.Module):
 
 def batch(shape=(256, 32), seed=1):
     return jax.random.normal(jax.random.key(seed), shape)
+
+
+def nnx_training(tx, *, moments=False):
+    """An :class:`NnxMLP`, an ``nnx.Optimizer`` of it with ``tx``, and a step.
+
+    ``step()`` runs one ``nnx.jit`` update on a fixed batch and returns
+    ``jstab.statistics`` of the optimizer's state, as a training loop would.
+    """
+    import jstab  # the models above do not need it
+
+    model = NnxMLP(4, depth=2, width=8, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    x = batch((16, 4))
+
+    @nnx.jit
+    def train_step(model, optimizer):
+        def loss(m):
+            return jnp.mean(m(x) ** 2)
+
+        optimizer.update(model, nnx.grad(loss)(model))
+        return jstab.statistics(optimizer.opt_state, moments=moments)
+
+    return model, optimizer, lambda: train_step(model, optimizer)

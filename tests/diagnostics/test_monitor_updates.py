@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _models import LinenMLP, NnxMLP, batch
+from _models import LinenMLP, batch, nnx_training
 from flax import nnx
 from flax.training import train_state
 
@@ -192,10 +192,8 @@ def test_update_without_params_is_an_error():
 
 
 def test_nnx_optimizer():
-    model = NnxMLP(4, depth=2, width=8, rngs=nnx.Rngs(0))
     tx = optax.chain(optax.adam(1e-2), jstab.monitor_updates())
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    x = batch((16, 4))
+    model, _, step = nnx_training(tx)
 
     def flat_params():
         return {
@@ -205,15 +203,7 @@ def test_nnx_optimizer():
 
     before = flat_params()
 
-    @nnx.jit
-    def train_step(model, optimizer):
-        def loss(m):
-            return jnp.mean(m(x) ** 2)
-
-        optimizer.update(model, nnx.grad(loss)(model))
-        return jstab.statistics(optimizer.opt_state)
-
-    stats = train_step(model, optimizer)
+    stats = step()
     after = flat_params()
     layers = ["head/bias", "head/kernel", "layers/0/bias", "layers/0/kernel"]
     assert sorted(before) == layers

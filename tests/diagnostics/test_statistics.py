@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _models import LinenMLP, NnxMLP, batch
-from flax import nnx
+from _models import LinenMLP, batch, nnx_training
 
 import jstab
 from jstab.diagnostics import _statistics
@@ -178,20 +177,9 @@ def test_keys_are_the_rules_names_in_chain_order():
 
 
 def test_nnx_optimizer_state():
-    model = NnxMLP(4, depth=2, width=8, rngs=nnx.Rngs(0))
     tx = optax.chain(jstab.monitor_gradients(), jstab.zclip(), optax.adam(1e-3))
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    x = batch((16, 4))
-
-    @nnx.jit
-    def train_step(model, optimizer):
-        def loss(m):
-            return jnp.mean(m(x) ** 2)
-
-        optimizer.update(model, nnx.grad(loss)(model))
-        return jstab.statistics(optimizer.opt_state)
-
-    stats = train_step(model, optimizer)
+    _, optimizer, step = nnx_training(tx)
+    stats = step()
     layers = ["head/bias", "head/kernel", "layers/0/bias", "layers/0/kernel"]
     assert sorted(k for k in stats if "layer_norms" in k) == [
         f"monitor_gradients/layer_norms/{name}" for name in layers

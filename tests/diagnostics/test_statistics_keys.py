@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _models import NnxMLP, batch
+from _models import nnx_training
 from flax import nnx
 
 import jstab
@@ -414,21 +414,10 @@ def test_half_precision_moments_have_float32_norms():
 
 
 def test_moments_in_an_nnx_optimizer():
-    model = NnxMLP(4, depth=2, width=8, rngs=nnx.Rngs(0))
     tx = optax.chain(jstab.clip_by_global_norm(1.0), optax.adam(1e-2))
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    x = batch((16, 4))
-
-    @nnx.jit
-    def train_step(model, optimizer):
-        def loss(m):
-            return jnp.mean(m(x) ** 2)
-
-        optimizer.update(model, nnx.grad(loss)(model))
-        return jstab.statistics(optimizer.opt_state, moments=True)
-
-    train_step(model, optimizer)
-    stats = train_step(model, optimizer)
+    _, optimizer, step = nnx_training(tx, moments=True)
+    step()
+    stats = step()
     assert sorted(stats) == sorted(
         ["clip_by_global_norm/norm", "clip_by_global_norm/clipped"]
         + ["clip_by_global_norm/clip_count", "adam/mu_norm", "adam/nu_norm"]
