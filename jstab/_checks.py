@@ -127,17 +127,11 @@ def shape_tuple(shape: object) -> tuple[int, ...]:
     return tuple(int(d) for d in dims)
 
 
-def same_tree(name: str, expected: object, got: object, what: str = "updates") -> None:
-    """Raises unless ``got`` has the tree structure of ``expected``.
-
-    Called while a step is traced, by the transforms whose state holds a
-    value per leaf: a gradient tree other than the one ``init`` saw would
-    otherwise give each value to another leaf, or change the state's
-    structure from one step to the next.
-    """
+def _difference(expected: object, got: object) -> str | None:
+    """How ``got``'s tree differs from ``expected``'s (leaf paths), or None."""
     want, have = jax.tree.structure(expected), jax.tree.structure(got)
     if want == have:
-        return
+        return None
     paths = [
         {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(t)}
         for t in (expected, got)
@@ -148,17 +142,24 @@ def same_tree(name: str, expected: object, got: object, what: str = "updates") -
         for label, items in (("missing:", missing), ("unexpected:", extra))
         if items
     )
-    detail = detail or f"{want} against {have}"
-    if what == "params":  # ``expected`` is the updates here, not init's tree
+    return detail or f"{want} against {have}"
+
+
+def same_tree(name: str, expected: object, got: object) -> None:
+    """Raises unless ``got`` has the tree structure of ``expected``.
+
+    Called while a step is traced, by the transforms whose state holds a
+    value per leaf: a gradient tree other than the one ``init`` saw would
+    otherwise give each value to another leaf, or change the state's
+    structure from one step to the next.
+    """
+    detail = _difference(expected, got)
+    if detail is not None:
         raise ValueError(
-            f"`{name}`: the `params` passed to update have another tree than "
-            f"the updates ({detail}). Pass the parameters the updates are for."
+            f"`{name}` was initialized for another tree than the `updates` it "
+            f"got ({detail}). Call `init` with a tree of the same structure as "
+            "the gradients."
         )
-    raise ValueError(
-        f"`{name}` was initialized for another tree than the `{what}` it got "
-        f"({detail}). Call `init` with a tree of the same structure as the "
-        "gradients."
-    )
 
 
 def same_shapes(name: str, expected: object, got: object, what: str) -> None:
@@ -182,5 +183,10 @@ def params_like(name: str, updates: object, params: object) -> None:
         raise ValueError(
             f"{name} needs the parameters: call tx.update(updates, state, params)."
         )
-    same_tree(name, updates, params, what="params")
+    detail = _difference(updates, params)
+    if detail is not None:
+        raise ValueError(
+            f"`{name}`: the `params` passed to update have another tree than "
+            f"the updates ({detail}). Pass the parameters the updates are for."
+        )
     same_shapes(name, updates, params, what="params")
