@@ -71,6 +71,29 @@ CASES = {
         1.0,
         [0.5],
     ),
+    "dynamic_loss_scale": (
+        lambda: jstab.dynamic_loss_scale(optax.sgd(0.1), init_scale=8.0),
+        1.0,
+        [1.0],
+    ),
+    "dynamic_loss_scale growing": (
+        lambda: jstab.dynamic_loss_scale(
+            optax.adam(0.1), init_scale=8.0, growth_interval=2
+        ),
+        1.0,
+        [1.0],
+    ),
+    "dynamic_loss_scale MultiSteps": (
+        lambda: jstab.dynamic_loss_scale(optax.MultiSteps(optax.sgd(0.1), 2)),
+        1.0,
+        [0.5],
+    ),
+    "upcast": (lambda: jstab.upcast(optax.adam(0.1)), 1.0, [1.0]),
+    "upcast float32": (
+        lambda: jstab.upcast(optax.sgd(0.1), dtype=jnp.float32),
+        1.0,
+        [],
+    ),
     "monitor_gradients": (lambda: jstab.monitor_gradients(), 1.0, []),
     "monitor_updates": (lambda: jstab.monitor_updates(), 1.0, [1.0]),
 }
@@ -93,14 +116,24 @@ def _objective(tx, state, weights):
 FLOAT32_STATISTICS = ("autoclip", "zclip")
 
 
+#: Cases around Optax's Adam or MultiSteps, not written for strict promotion.
+LOOSE = (
+    "skip_on_spike accepted",
+    "skip_on_spike skipped",
+    "skip_on_spike MultiSteps",
+    "dynamic_loss_scale growing",
+    "dynamic_loss_scale MultiSteps",
+    "upcast",
+)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_grad_and_jvp_match_finite_differences(name):
     build, scale, before = CASES[name]
     tolerance = {}
     if name.startswith(FLOAT32_STATISTICS):
         tolerance = {"atol": 2e-3, "rtol": 2e-3, "eps": 1e-3}
-    # Optax's Adam and MultiSteps are not written for strict promotion.
-    strict = "standard" if name.startswith("skip") else "strict"
+    strict = "standard" if name in LOOSE else "strict"
     with jax.enable_x64(True), jax.numpy_dtype_promotion(strict):
         tx = build()
         params = _tree(1, 1.0)

@@ -159,6 +159,14 @@ FIELDS = {
         "var",
         "samples",
     ),
+    jstab.DynamicLossScaleState: (
+        "inner_state",
+        "scale",
+        "good_steps",
+        "skipped",
+        "skip_count",
+    ),
+    jstab.UpcastState: ("inner_state",),
     jstab.MonitorState: (
         "layer_norms",
         "global_norm",

@@ -24,6 +24,7 @@ from jstab.clipping import (
 )
 from jstab.diagnostics._monitor import MonitorState
 from jstab.diagnostics._updates import MonitorUpdatesState
+from jstab.precision import DynamicLossScaleState
 
 _CLIP = ("norm", "clipped", "clip_count")
 
@@ -40,6 +41,7 @@ _RULES = {
     AutoClipState: ("autoclip", (*_CLIP, "threshold")),
     ZClipState: ("zclip", (*_CLIP, "threshold", "spike", "mean", "std")),
     SkipState: ("skip_on_spike", ("skipped", "skip_count", "norm", "mean", "std")),
+    DynamicLossScaleState: ("dynamic_loss_scale", ("scale", "skipped", "skip_count")),
     MonitorState: (
         "monitor_gradients",
         ("global_norm", "nonfinite", "vanishing", "exploding", "layer_norms"),
@@ -131,8 +133,9 @@ def statistics(
     Finds the state of every jstab transform anywhere in an Optax state:
     inside ``optax.chain``, ``optax.named_chain``, ``optax.inject_hyperparams``,
     ``optax.MultiSteps``, ``optax.masked``, ``optax.multi_transform``,
-    :func:`skip_on_spike`, and in the ``opt_state`` of a
-    ``flax.nnx.Optimizer`` (whose arrays it takes out of their variables).
+    :func:`skip_on_spike`, :func:`dynamic_loss_scale`, :func:`upcast`, and
+    in the ``opt_state`` of a ``flax.nnx.Optimizer`` (whose arrays it takes
+    out of their variables).
 
     Keys are ``"<rule>/<field>"``, where ``<rule>`` is the name of the
     transform that recorded the value:
@@ -149,6 +152,7 @@ def statistics(
                               ``threshold``, ``spike``, ``mean``, ``std``
     ``skip_on_spike``         ``skipped``, ``skip_count``, ``norm``, ``mean``,
                               ``std``
+    ``dynamic_loss_scale``    ``scale``, ``skipped``, ``skip_count``
     ``monitor_gradients``     ``global_norm``, ``nonfinite``, ``vanishing``,
                               ``exploding``, ``layer_norms``
     ``monitor_updates``       ``update_norms``, ``param_norms``,
