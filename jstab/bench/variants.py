@@ -93,6 +93,10 @@ def default() -> dict[str, Variant]:
         "jstab.skip_on_spike": Variant(
             lambda opt: jstab.skip_on_spike(opt, z_thresh=3.0), 1, "skip the step"
         ),
+        # Unscales the gradient and checks that it is finite: one read.
+        "jstab.dynamic_loss_scale": Variant(
+            lambda opt: jstab.dynamic_loss_scale(opt), 1, "skip the step"
+        ),
         "optax.apply_if_finite": Variant(
             lambda opt: optax.apply_if_finite(opt, 3), 1, "skip the step"
         ),

@@ -127,8 +127,13 @@ def dynamic_loss_scale(
 
     Put the wrapper around the whole optimizer, and around
     ``optax.MultiSteps`` rather than inside it: a non-finite micro-batch is
-    then dropped before it reaches the accumulator. For float16 parameters,
-    wrap an Adam-family optimizer in :func:`upcast` as well.
+    then dropped before it reaches the accumulator.
+
+    For float16 parameters, put it inside :func:`upcast`:
+    ``upcast(dynamic_loss_scale(optax.adam(...)))``. The gradients are then
+    unscaled in float32 and stay there, and Adam runs in float32. The other
+    order would unscale into float16 leaves, where the gradients that the
+    scale lifted above 6e-8 flush to zero again.
 
     Args:
       inner: the optimizer, e.g. ``optax.adam(1e-3)``: a
@@ -154,7 +159,7 @@ def dynamic_loss_scale(
     Example:
       >>> import jax, jax.numpy as jnp, optax, jstab
       >>> params = {"w": jnp.ones(3, jnp.float16)}
-      >>> tx = jstab.dynamic_loss_scale(jstab.upcast(optax.adam(1e-2)))
+      >>> tx = jstab.upcast(jstab.dynamic_loss_scale(optax.adam(1e-2)))
       >>> state = tx.init(params)
       >>> def loss(p, state):
       ...     value = jnp.sum(jnp.square(p["w"].astype(jnp.float32)))
@@ -162,7 +167,7 @@ def dynamic_loss_scale(
       >>> for _ in range(2):  # 2 * 32768 = 65536 overflows float16, then not
       ...     grads = jax.grad(loss)(params, state)
       ...     updates, state = tx.update(grads, state, params)
-      ...     print(float(jstab.loss_scale(state)), bool(state.skipped))
+      ...     print(float(jstab.loss_scale(state)), bool(state.inner_state.skipped))
       16384.0 True
       16384.0 False
       >>> updates["w"].dtype
@@ -211,10 +216,10 @@ def dynamic_loss_scale(
         factor = jnp.where(
             skip, backoff_factor, jnp.where(grown, growth_factor, 1.0)
         ).astype(jnp.float32)
-        new_scale = jnp.clip(scale * factor, min_scale, max_scale).astype(jnp.float32)
-        new_scale = jnp.where(
-            jnp.isfinite(new_scale) & (new_scale > 0), new_scale, scale
-        )
+        candidate = scale * factor
+        new_scale = jnp.clip(candidate, min_scale, max_scale).astype(jnp.float32)
+        valid = lambda x: jnp.isfinite(x) & (x > 0)  # noqa: E731
+        new_scale = jnp.where(valid(candidate) & valid(new_scale), new_scale, scale)
         good_steps = jnp.where(skip | grown, 0, state.good_steps + 1)
         return out, DynamicLossScaleState(
             inner_state=inner_state,
