@@ -16,6 +16,10 @@ from jstab.demo.experiments import Budget, Result
 # The tables, by Config.table, in the order they are printed.
 PARTS = {
     "digits": "A. Deep MLP on digits (test accuracy; 10 classes, chance 0.1)",
+    "precision": (
+        "A′. Mixed precision: the MLP of part A with float16 or bfloat16 "
+        "parameters and forward pass (test accuracy)"
+    ),
     "adding": (
         "B. Recurrent networks on the adding problem (test MSE; always "
         f"predicting 1 gives {data.ADDING_BASELINE:.3f})"
@@ -117,6 +121,7 @@ def record(results: Sequence[Result], budget: Budget, **about: Any) -> dict:
                 "clipped": listed(r.clipped),
                 "skipped": listed(r.skipped),
                 "seconds": r.seconds,
+                "flushed": listed(r.flushed),
             }
             for r in results
         ],
@@ -157,6 +162,7 @@ def _curve_groups(results: Sequence[Result]) -> dict[str, list[Result]]:
         "CNN": rows("cnn", bool),
         "exploding MLP: optimizers": rows("optimizers", bool),
         "sigmoid MLP: pretraining and initializations": rows("pretraining", bool),
+        "MLP: float32, float16 and bfloat16": rows("precision", bool),
     }
 
 
@@ -187,7 +193,10 @@ def plots(results: Sequence[Result], out: Path) -> list[Path]:
     - ``grad_over_time_at_init.png``: the recurrent networks' gradient with
       respect to each time step's input, at initialization;
     - ``training_curves.png``: the training loss of every configuration,
-      in groups.
+      in groups;
+    - ``precision.png``: for the half-precision rows, the fraction of each
+      layer's gradient that float16 (or bfloat16) flushes to zero at
+      initialization, and the loss scale at every step.
     """
     import matplotlib
 
@@ -241,7 +250,37 @@ def plots(results: Sequence[Result], out: Path) -> list[Path]:
             ax.set_xlabel(f"step (moving average of {window})")
             ax.legend(fontsize="small")
         written.append(_save(fig, out / "training_curves.png", plt))
+
+    half = [r for r in results if r.flushed is not None]
+    if half:
+        written.append(_precision(half, out, plt))
     return written
+
+
+def _precision(results: Sequence[Result], out: Path, plt) -> Path:
+    """``precision.png``: flushed gradient per layer, and the loss scale."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
+    # Rows of one dtype start from the same network: one line per dtype.
+    by_dtype = {r.config.dtype: r.flushed for r in reversed(results)}
+    for dtype, flushed in by_dtype.items():
+        left.plot(np.arange(1, flushed.size + 1), flushed, marker="o", label=dtype)
+    left.set_xlabel("layer")
+    left.set_ylabel("fraction of gradient elements flushed to 0")
+    left.set_title("Gradient lost to the format, at initialization")
+    left.set_ylim(-0.02, 1.02)
+    left.legend(fontsize="small")
+    left.grid(True, alpha=0.3)
+    for r in results:
+        if r.loss_scale is not None:
+            right.semilogy(
+                np.arange(r.loss_scale.size), r.loss_scale, label=r.config.name
+            )
+    right.set_xlabel("step")
+    right.set_ylabel("loss scale")
+    right.set_title("dynamic_loss_scale: the scale at every step (seed 0)")
+    right.legend(fontsize="small")
+    right.grid(True, alpha=0.3)
+    return _save(fig, out / "precision.png", plt)
 
 
 def _save(fig, path: Path, plt) -> Path:

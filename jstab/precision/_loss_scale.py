@@ -72,10 +72,10 @@ def _check(init_scale, growth_interval, growth_factor, backoff_factor, lo, hi):
         _checks.integer_at_least("growth_interval", growth_interval, 1)
 
 
-def _unscale(x: chex.Array, scale: chex.Array) -> chex.Array:
-    """``x / scale`` in at least float32, cast back to ``x``'s dtype."""
+def _unscale(x: chex.Array, inverse: chex.Array) -> chex.Array:
+    """``x * inverse`` in at least float32, cast back to ``x``'s dtype."""
     dtype = _numerics.compute_dtype(x.dtype)
-    return (x.astype(dtype) / scale.astype(dtype)).astype(x.dtype)
+    return (x.astype(dtype) * inverse.astype(dtype)).astype(x.dtype)
 
 
 def dynamic_loss_scale(
@@ -193,11 +193,11 @@ def dynamic_loss_scale(
 
     def update_fn(updates, state, params=None, **extra_args):
         def inner_update(updates, inner_state, params, scale):
-            unscaled = jax.tree.map(lambda x: _unscale(x, scale), updates)
+            unscaled = jax.tree.map(lambda x: _unscale(x, 1 / scale), updates)
             return inner.update(unscaled, inner_state, params, **extra_args)
 
         scale = state.scale
-        leaves = [_unscale(x, scale) for x in jax.tree.leaves(updates)]
+        leaves = [_unscale(x, 1 / scale) for x in jax.tree.leaves(updates)]
         bad = (
             _numerics.group_reduce(
                 leaves, [range(len(leaves))], jnp.float32, "nonfinite"
