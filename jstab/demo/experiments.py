@@ -310,7 +310,7 @@ def _precision(name: str, dtype: str, **kw) -> Config:
 
 _PRECISION = (
     _precision("float32", "float32", quick=True),
-    _precision("float16, Adam", "float16"),
+    _precision("float16, Adam", "float16", full=True),
     _precision("float16, upcast(Adam)", "float16", wrap=jstab.upcast, quick=True),
     _precision(
         "float16, upcast(dynamic_loss_scale(Adam))",

@@ -268,6 +268,7 @@ def _precision(results: Sequence[Result], out: Path, plt) -> Path:
     left.set_ylabel("fraction of gradient elements flushed to 0")
     left.set_title("Gradient lost to the format, at initialization")
     left.set_ylim(-0.02, 1.02)
+    left.xaxis.get_major_locator().set_params(integer=True)
     left.legend(fontsize="small")
     left.grid(True, alpha=0.3)
     for r in results:
@@ -278,7 +279,7 @@ def _precision(results: Sequence[Result], out: Path, plt) -> Path:
     right.set_xlabel("step")
     right.set_ylabel("loss scale")
     right.set_title("dynamic_loss_scale: the scale at every step (seed 0)")
-    right.legend(fontsize="small")
+    right.legend(fontsize="small", loc="upper right")
     right.grid(True, alpha=0.3)
     return _save(fig, out / "precision.png", plt)
 

@@ -98,8 +98,10 @@ def dynamic_loss_scale(
     scaled by the caller, with the current scale from the state:
     :func:`scale_loss` (or :func:`loss_scale`). Each step then
 
-    1. divides the incoming updates by :math:`S`, in float32 (float64 for
-       float64 leaves), cast back to each leaf's dtype;
+    1. divides the incoming updates by :math:`S`: multiplies them by
+       :math:`1/S` in float32 (float64 for float64 leaves), as
+       ``GradScaler`` and jmp do, and casts them back to each leaf's dtype
+       (exact when :math:`S` is a power of two, as the defaults keep it);
     2. checks that every element is finite, over all devices (global under
        ``jax.jit``; combined with ``lax.psum`` over ``axis_name`` inside
        ``shard_map``);
@@ -120,7 +122,6 @@ def dynamic_loss_scale(
     for both directions when ``backoff_factor = 1 / growth_factor``; jmp
     leaves skipping to the caller, here it is done). ``inner`` runs under
     ``jax.lax.cond``, on finite steps only, as in :func:`skip_on_spike`.
-    Scales that are powers of two (the defaults) unscale exactly.
 
     A run-time hyperparameter (``optax.inject_hyperparams``) that would make
     the new scale NaN, infinite or not positive leaves the scale as it was.
@@ -198,6 +199,7 @@ def dynamic_loss_scale(
 
         scale = state.scale
         leaves = [_unscale(x, 1 / scale) for x in jax.tree.leaves(updates)]
+        # A count, not a max: a NaN does not survive XLA's cross-device max.
         bad = (
             _numerics.group_reduce(
                 leaves, [range(len(leaves))], jnp.float32, "nonfinite"

@@ -248,3 +248,42 @@ def test_spectral_norm_keeps_every_trained_kernel_at_largest_singular_value_one(
             for layer in kernels
         ]
         assert max(abs(s - 1) for s in raw) > 0.1, raw
+
+
+def test_fit_with_loss_scaling_records_the_unscaled_loss_and_gradient():
+    # The same float32 run with and without dynamic_loss_scale: a scale of
+    # 2**10 that never changes unscales exactly, so losses, gradient norms
+    # and parameters agree; the scale is recorded at every step.
+    sample, loss_fn = _linear_regression()
+    params = {"w": jnp.zeros((2, 3))}
+    keys = jax.random.split(jax.random.key(0), 2)
+    plain = train.fit(loss_fn, optax.sgd(0.05), params, {}, sample, keys, steps=30)
+    tx = jstab.dynamic_loss_scale(optax.sgd(0.05), init_scale=2.0**10)
+    scaled = train.fit(loss_fn, tx, params, {}, sample, keys, steps=30, scale_loss=True)
+    np.testing.assert_array_equal(plain.loss_scale, np.ones((2, 30)))
+    np.testing.assert_array_equal(scaled.loss_scale, np.full((2, 30), 2.0**10))
+    np.testing.assert_allclose(scaled.loss, plain.loss, rtol=1e-6)
+    np.testing.assert_allclose(scaled.grad_norm, plain.grad_norm, rtol=1e-6)
+    np.testing.assert_allclose(scaled.params["w"], plain.params["w"], rtol=1e-6)
+
+
+def test_flushed_counts_the_gradient_that_float16_loses_per_layer():
+    # Two linear layers fed inputs of 1e-9: both kernels' gradients (the
+    # input, and the hidden layer's 2e-9) are below float16's range, not
+    # below bfloat16's; inputs of 1e-5 are float16 subnormals, kept.
+    params = {
+        "Dense_0": {"kernel": jnp.ones((4, 4)) * 0.5},
+        "Dense_1": {"kernel": jnp.ones((4, 1))},
+    }
+
+    def loss_fn(p, x):
+        h = x.astype(p["Dense_0"]["kernel"].dtype) @ p["Dense_0"]["kernel"]
+        return jnp.sum(h @ p["Dense_1"]["kernel"]).astype(jnp.float32)
+
+    x = jnp.full((1, 4), 1e-9)
+    lost = experiments.flushed(loss_fn, params, x, jnp.float16)
+    np.testing.assert_array_equal(lost, [1.0, 1.0])
+    lost = experiments.flushed(loss_fn, params, x * 1e4, jnp.float16)
+    np.testing.assert_array_equal(lost, [0.0, 0.0])
+    lost = experiments.flushed(loss_fn, params, x, jnp.bfloat16)
+    np.testing.assert_array_equal(lost, [0.0, 0.0])
