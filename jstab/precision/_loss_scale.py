@@ -193,26 +193,24 @@ def dynamic_loss_scale(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        def inner_update(updates, inner_state, params, scale):
-            unscaled = jax.tree.map(lambda x: _unscale(x, 1 / scale), updates)
+        def inner_update(updates, inner_state, params, inverse):
+            unscaled = jax.tree.map(lambda x: _unscale(x, inverse), updates)
             return inner.update(unscaled, inner_state, params, **extra_args)
 
         scale = state.scale
-        leaves = [_unscale(x, 1 / scale) for x in jax.tree.leaves(updates)]
+        inverse = 1 / scale
+        leaves = [_unscale(x, inverse) for x in jax.tree.leaves(updates)]
         # A count, not a max: a NaN does not survive XLA's cross-device max.
-        bad = (
-            _numerics.group_reduce(
-                leaves, [range(len(leaves))], jnp.float32, "nonfinite"
-            )[0]
-            if leaves
-            else jnp.zeros((), jnp.float32)
-        )
+        bad = jnp.zeros((), jnp.float32)
+        if leaves:
+            groups = [range(len(leaves))]
+            bad = _numerics.group_reduce(leaves, groups, jnp.float32, "nonfinite")[0]
         if axis_name is not None:
             bad = jax.lax.psum(bad, axis_name)
         skip = jax.lax.stop_gradient(bad > 0)
 
         out, inner_state = _wrappers.update_unless(
-            skip, inner_update, updates, state.inner_state, params, scale
+            skip, inner_update, updates, state.inner_state, params, inverse
         )
         grown = state.good_steps + 1 >= jnp.asarray(growth_interval)
         factor = jnp.where(
