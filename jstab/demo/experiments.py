@@ -296,7 +296,8 @@ _PRETRAINING = (
 # depth does both: each of 18 layers shrinks the backward signal by about
 # 0.45, so at initialization 75-96 % of the first layers' gradient elements
 # are below float16's range, while in float32 Adam's step, which does not
-# depend on the gradient's scale, trains it as well as He's initialization.
+# depend on the gradient's scale, still trains it (0.91 test accuracy,
+# against ReLU + He's 0.94).
 def _precision(name: str, dtype: str, **kw) -> Config:
     return Config(
         f"ReLU + N(0, 0.08²), 18 layers, {name}",
