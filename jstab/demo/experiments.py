@@ -614,9 +614,9 @@ def measure(
     dtype = jnp.dtype(config.dtype)
     lost = None
     if dtype != jnp.float32:
-        one = jax.tree.map(lambda x: x[0], params)
+        one, state = jax.tree.map(lambda x: x[0], (params, variables))
         batch = sample(jax.random.key(seed))
-        lost = flushed(lambda p, b: loss_fn(p, {}, b)[0], one, batch, dtype)
+        lost = flushed(lambda p, b: loss_fn(p, state, b)[0], one, batch, dtype)
         params = jax.tree.map(lambda x: x.astype(dtype), params)
     if config.optimizer is None:
         tx = optax.adam(budget.learning_rate)

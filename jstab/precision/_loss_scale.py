@@ -199,6 +199,8 @@ def dynamic_loss_scale(
 
         scale = state.scale
         inverse = 1 / scale
+        # Unscaled here for the check and again inside the conditional for
+        # ``inner``: each fuses into its consumer, so neither is written out.
         leaves = [_unscale(x, inverse) for x in jax.tree.leaves(updates)]
         # A count, not a max: a NaN does not survive XLA's cross-device max.
         bad = jnp.zeros((), jnp.float32)
