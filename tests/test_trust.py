@@ -158,6 +158,13 @@ FIELDS = {
         "mean",
         "var",
         "samples",
+        "loss",
+        "loss_mean",
+        "loss_var",
+        "history",
+        "loss_history",
+        "consecutive",
+        "forced_count",
     ),
     jstab.DynamicLossScaleState: (
         "inner_state",

@@ -109,3 +109,29 @@ def check(alpha: object, warmup_steps: object) -> None:
             raise ValueError(f"`alpha` must be in (0, 1), got {alpha!r}.")
     if not _numerics.is_traced(warmup_steps):
         _checks.integer_at_least("warmup_steps", warmup_steps, 1)
+
+
+def push(history: chex.Array, samples: chex.Array, value, take) -> chex.Array:
+    """``history`` with ``value`` written over its oldest entry, if ``take``.
+
+    ``history`` is a ring buffer holding the last ``len(history)`` values;
+    ``samples`` values have entered it so far, so the next goes to
+    ``samples mod len(history)``.
+    """
+    v = lax.stop_gradient(value.astype(jnp.float32))
+    position = samples % history.shape[0]
+    return jnp.where(take, history.at[position].set(v), history)
+
+
+def over_window(history: chex.Array, samples: chex.Array) -> tuple:
+    """``(mean, var)``: the population statistics of the values ``history`` holds.
+
+    Those are its first ``min(samples, len(history))`` entries; both are 0
+    while it holds none.
+    """
+    held = jnp.minimum(samples, history.shape[0])
+    mask = jnp.arange(history.shape[0]) < held
+    n = jnp.maximum(held, 1).astype(jnp.float32)
+    mean = jnp.sum(jnp.where(mask, history, 0)) / n
+    var = jnp.sum(jnp.where(mask, jnp.square(history - mean), 0)) / n
+    return mean, var

@@ -30,7 +30,8 @@ _CLIP = ("norm", "clipped", "clip_count")
 
 # Each jstab state: the rule that records it (the name its keys start with),
 # and the fields reported. Bookkeeping (step counts, warm-up counts,
-# AutoClip's history) is left out; "std" is the square root of ``var``.
+# AutoClip's history) is left out; a field "<x>std" is the square root of the
+# state's "<x>var". A field that is None (an option left off) gives no key.
 _RULES = {
     ClipByValueState: ("clip_by_value", _CLIP),
     ClipByRangeState: ("clip_by_range", _CLIP),
@@ -40,7 +41,11 @@ _RULES = {
     ClipState: ("clip", _CLIP),
     AutoClipState: ("autoclip", (*_CLIP, "threshold")),
     ZClipState: ("zclip", (*_CLIP, "threshold", "spike", "mean", "std")),
-    SkipState: ("skip_on_spike", ("skipped", "skip_count", "norm", "mean", "std")),
+    SkipState: (
+        "skip_on_spike",
+        ("skipped", "skip_count", "norm", "mean", "std")
+        + ("loss", "loss_mean", "loss_std", "forced_count"),
+    ),
     DynamicLossScaleState: ("dynamic_loss_scale", ("scale", "skipped", "skip_count")),
     MonitorState: (
         "monitor_gradients",
@@ -151,7 +156,9 @@ def statistics(
     ``zclip``                 ``norm``, ``clipped``, ``clip_count``,
                               ``threshold``, ``spike``, ``mean``, ``std``
     ``skip_on_spike``         ``skipped``, ``skip_count``, ``norm``, ``mean``,
-                              ``std``
+                              ``std``; with a loss test ``loss``,
+                              ``loss_mean``, ``loss_std``; with
+                              ``max_consecutive``, ``forced_count``
     ``dynamic_loss_scale``    ``scale``, ``skipped``, ``skip_count``
     ``monitor_gradients``     ``global_norm``, ``nonfinite``, ``vanishing``,
                               ``exploding``, ``layer_norms``
@@ -160,7 +167,8 @@ def statistics(
                               ``global_param_norm``
     ========================  ===============================================
 
-    ``std`` is the square root of the running variance ``var``; step and
+    ``std`` is the square root of the running variance ``var`` (and
+    ``loss_std`` of ``loss_var``); step and
     warm-up counters and AutoClip's history are left out. A field holding a
     tree (per-layer norms) gives one key per leaf, its path joined by ``/``:
     gradients shaped like ``{"Dense_0": {"kernel": ...}}`` give
@@ -231,8 +239,9 @@ def statistics(
                 out[key] = _norm(getattr(node, field), axis_name)
             continue
         for field in fields:
-            if field == "std":
-                value = jnp.sqrt(_value(node.var))
+            if field.endswith("std"):
+                var = getattr(node, field.removesuffix("std") + "var")
+                value = None if var is None else jnp.sqrt(_value(var))
             else:
                 value = getattr(node, field)
             flat, _ = jax.tree_util.tree_flatten_with_path(value, is_leaf=_is_variable)

@@ -63,6 +63,8 @@ SCRIPT = textwrap.dedent(
             jstab.zclip(warmup_steps=2, axis_name=axis_name),
             jstab.skip_on_spike(optax.sgd(0.1), z_thresh=2.0, warmup_steps=2,
                                 axis_name=axis_name),
+            jstab.skip_on_spike(optax.sgd(0.1), z_thresh=2.0, warmup_steps=2,
+                                window=2, max_consecutive=1, axis_name=axis_name),
         ]
 
     scales = [1.0, 1.5, 1.2, 40.0]
