@@ -6,8 +6,10 @@ diagnostics that tell which of the two problems a model has.
 """
 
 from jstab.clipping import (
+    AdaGCState,
     AdaptiveGradClipState,
     AutoClipState,
+    ClipByBlockRmsState,
     ClipByGlobalNormState,
     ClipByLayerNormState,
     ClipByRangeState,
@@ -15,8 +17,10 @@ from jstab.clipping import (
     ClipState,
     SkipState,
     ZClipState,
+    adagc,
     adaptive_grad_clip,
     autoclip,
+    clip_by_block_rms,
     clip_by_global_norm,
     clip_by_layer_norm,
     clip_by_range,
@@ -57,6 +61,7 @@ from jstab.init import (
     xavier_normal,
     xavier_uniform,
 )
+from jstab.optim import ScaleBySpamState, scale_by_spam, spam
 from jstab.precision import (
     DynamicLossScaleState,
     UpcastState,
@@ -69,8 +74,10 @@ from jstab.precision import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaGCState",
     "AdaptiveGradClipState",
     "AutoClipState",
+    "ClipByBlockRmsState",
     "ClipByGlobalNormState",
     "ClipByLayerNormState",
     "ClipByRangeState",
@@ -80,14 +87,17 @@ __all__ = [
     "Initializer",
     "MonitorState",
     "MonitorUpdatesState",
+    "ScaleBySpamState",
     "SignalReport",
     "SkipState",
     "UpcastState",
     "ZClipState",
     "__version__",
+    "adagc",
     "adaptive_grad_clip",
     "autoclip",
     "calculate_gain",
+    "clip_by_block_rms",
     "clip_by_global_norm",
     "clip_by_layer_norm",
     "clip_by_range",
@@ -110,11 +120,13 @@ __all__ = [
     "monitor_gradients",
     "monitor_updates",
     "orthogonal",
+    "scale_by_spam",
     "scale_loss",
     "signal_propagation",
     "skip_on_spike",
     "small_normal",
     "small_uniform",
+    "spam",
     "statistics",
     "truncated_normal",
     "upcast",

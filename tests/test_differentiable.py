@@ -30,6 +30,15 @@ def _tree(seed: int, scale: float) -> dict:
     }
 
 
+def _with_loss(tx, loss: float):
+    """``tx`` whose ``update`` is given the same ``loss`` at every step."""
+
+    def update(updates, state, params=None):
+        return tx.update(updates, state, params, loss=jnp.asarray(loss))
+
+    return optax.GradientTransformation(tx.init, update)
+
+
 #: name: (build, scale of the differentiated gradient, scales of the steps
 #: before it). The gradient of scale 1 has a global norm of about 4.
 CASES = {
@@ -70,6 +79,38 @@ CASES = {
         lambda: jstab.skip_on_spike(optax.MultiSteps(optax.sgd(0.1), 2)),
         1.0,
         [0.5],
+    ),
+    "skip_on_spike forced": (
+        lambda: jstab.skip_on_spike(
+            optax.sgd(0.1), max_norm=1.0, window=4, max_consecutive=1
+        ),
+        1.0,
+        [1.0],
+    ),
+    "skip_on_spike loss": (
+        lambda: _with_loss(
+            jstab.skip_on_spike(
+                optax.sgd(0.1), loss_z_thresh=2.0, window=3, warmup_steps=2
+            ),
+            2.0,
+        ),
+        1.0,
+        [1.0, 1.0],
+    ),
+    "clip_by_block_rms": (lambda: jstab.clip_by_block_rms(0.3), 1.0, []),
+    "adagc": (lambda: jstab.adagc(warmup_steps=2), 1.0, [0.3, 0.5]),
+    "adagc warmup": (lambda: jstab.adagc(), 1.0, []),
+    "scale_by_spam": (
+        lambda: jstab.scale_by_spam(b2=0.5, spike_threshold=4.0, reset_interval=30),
+        1.0,
+        [1.0] * 21,
+    ),
+    "spam": (
+        lambda: jstab.spam(
+            0.1, b2=0.5, spike_threshold=4.0, reset_interval=30, weight_decay=0.1
+        ),
+        1.0,
+        [1.0] * 21,
     ),
     "dynamic_loss_scale": (
         lambda: jstab.dynamic_loss_scale(optax.sgd(0.1), init_scale=8.0),

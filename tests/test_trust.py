@@ -22,6 +22,9 @@ PER_LEAF = {
     "clip_by_layer_norm": lambda: jstab.clip_by_layer_norm(1.0),
     "clip_by_layer_norm module": lambda: jstab.clip_by_layer_norm(1.0, per="module"),
     "adaptive_grad_clip": lambda: jstab.adaptive_grad_clip(0.1),
+    "clip_by_block_rms": lambda: jstab.clip_by_block_rms(1.0),
+    "adagc": lambda: jstab.adagc(),
+    "scale_by_spam": lambda: jstab.scale_by_spam(),
     "monitor_gradients": lambda: jstab.monitor_gradients(),
     "monitor_updates": lambda: jstab.monitor_updates(),
 }
@@ -174,6 +177,8 @@ FIELDS = {
         "skip_count",
     ),
     jstab.UpcastState: ("inner_state",),
+    jstab.AdaGCState: ("norm", "clipped", "clip_count", "count", "gamma"),
+    jstab.ScaleBySpamState: ("count", "mu", "nu", "spikes", "reset_count"),
     jstab.MonitorState: (
         "layer_norms",
         "global_norm",
@@ -195,6 +200,7 @@ for _rule_state in (
     jstab.ClipByRangeState,
     jstab.ClipByGlobalNormState,
     jstab.ClipByLayerNormState,
+    jstab.ClipByBlockRmsState,
     jstab.AdaptiveGradClipState,
 ):
     FIELDS[_rule_state] = FIELDS[jstab.ClipState]
@@ -213,6 +219,7 @@ def test_state_field_names(cls):
         (lambda: jstab.clip_by_global_norm(1.0), jstab.ClipByGlobalNormState),
         (lambda: jstab.clip_by_layer_norm(1.0), jstab.ClipByLayerNormState),
         (lambda: jstab.adaptive_grad_clip(0.1), jstab.AdaptiveGradClipState),
+        (lambda: jstab.clip_by_block_rms(1.0), jstab.ClipByBlockRmsState),
     ],
 )
 def test_each_clipping_rule_keeps_its_own_state_class(build, cls):

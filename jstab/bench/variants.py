@@ -48,6 +48,15 @@ def _functional(grads, params):
     return jstab.clip_grad_norm(grads, 1.0)[0]
 
 
+def _given_loss(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` whose ``update`` is given a loss (a constant: only its cost counts)."""
+
+    def update(updates, state, params=None):
+        return tx.update(updates, state, params, loss=jax.numpy.float32(2.0))
+
+    return optax.GradientTransformation(tx.init, update)
+
+
 def default() -> dict[str, Variant]:
     """jstab's clipping transforms and Optax's with the same rules, by name."""
     return {
@@ -68,8 +77,15 @@ def default() -> dict[str, Variant]:
         "jstab.clip_by_layer_norm": _chained(
             jstab.clip_by_layer_norm(0.1), 1, "per-layer norm"
         ),
+        "jstab.clip_by_block_rms": _chained(
+            jstab.clip_by_block_rms(1e-4), 1, "per-layer RMS"
+        ),
         "optax.clip_by_block_rms": _chained(
-            optax.clip_by_block_rms(1e-4), 1, "per-layer norm"
+            optax.clip_by_block_rms(1e-4), 1, "per-layer RMS"
+        ),
+        # Past its warm-up from the second step: each tensor against its γ.
+        "jstab.adagc": _chained(
+            jstab.adagc(1.0, warmup_steps=1), 1, "per-tensor adaptive (AdaGC)"
         ),
         "jstab.adaptive_grad_clip": _chained(
             jstab.adaptive_grad_clip(0.01), 2, "unit-wise (AGC)"
@@ -93,6 +109,24 @@ def default() -> dict[str, Variant]:
         "jstab.skip_on_spike": Variant(
             lambda opt: jstab.skip_on_spike(opt, z_thresh=3.0), 1, "skip the step"
         ),
+        # The same with a loss test, a window of 128 and forced steps: what it
+        # adds is scalar work on the loss and a ring buffer of 2 x 128 floats.
+        "jstab.skip_on_spike (loss, window)": Variant(
+            lambda opt: _given_loss(
+                jstab.skip_on_spike(
+                    opt,
+                    z_thresh=3.0,
+                    loss_z_thresh=3.0,
+                    window=128,
+                    max_consecutive=10,
+                )
+            ),
+            1,
+            "skip the step",
+        ),
+        # Replaces the optimizer: timed against Adam (the default baseline),
+        # it reads and writes what Adam does.
+        "jstab.spam": Variant(lambda opt: jstab.spam(1e-3), 0, "spike-aware Adam"),
         # Unscales the gradient and checks that it is finite: one read.
         "jstab.dynamic_loss_scale": Variant(
             lambda opt: jstab.dynamic_loss_scale(opt), 1, "skip the step"

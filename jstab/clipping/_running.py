@@ -119,7 +119,7 @@ def push(history: chex.Array, samples: chex.Array, value, take) -> chex.Array:
     ``samples mod len(history)``.
     """
     v = lax.stop_gradient(value.astype(jnp.float32))
-    position = samples % history.shape[0]
+    position = samples % jnp.asarray(history.shape[0], samples.dtype)
     return jnp.where(take, history.at[position].set(v), history)
 
 
@@ -129,8 +129,9 @@ def over_window(history: chex.Array, samples: chex.Array) -> tuple:
     Those are its first ``min(samples, len(history))`` entries; both are 0
     while it holds none.
     """
-    held = jnp.minimum(samples, history.shape[0])
-    mask = jnp.arange(history.shape[0]) < held
+    size = jnp.asarray(history.shape[0], samples.dtype)
+    held = jnp.minimum(samples, size)
+    mask = jnp.arange(history.shape[0], dtype=samples.dtype) < held
     n = jnp.maximum(held, 1).astype(jnp.float32)
     mean = jnp.sum(jnp.where(mask, history, 0)) / n
     var = jnp.sum(jnp.where(mask, jnp.square(history - mean), 0)) / n

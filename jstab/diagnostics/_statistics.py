@@ -13,8 +13,10 @@ from flax import nnx
 from jstab import _numerics
 from jstab._numerics import AxisName, ClipState
 from jstab.clipping import (
+    AdaGCState,
     AdaptiveGradClipState,
     AutoClipState,
+    ClipByBlockRmsState,
     ClipByGlobalNormState,
     ClipByLayerNormState,
     ClipByRangeState,
@@ -24,6 +26,7 @@ from jstab.clipping import (
 )
 from jstab.diagnostics._monitor import MonitorState
 from jstab.diagnostics._updates import MonitorUpdatesState
+from jstab.optim import ScaleBySpamState
 from jstab.precision import DynamicLossScaleState
 
 _CLIP = ("norm", "clipped", "clip_count")
@@ -37,15 +40,18 @@ _RULES = {
     ClipByRangeState: ("clip_by_range", _CLIP),
     ClipByGlobalNormState: ("clip_by_global_norm", _CLIP),
     ClipByLayerNormState: ("clip_by_layer_norm", _CLIP),
+    ClipByBlockRmsState: ("clip_by_block_rms", _CLIP),
     AdaptiveGradClipState: ("adaptive_grad_clip", _CLIP),
     ClipState: ("clip", _CLIP),
     AutoClipState: ("autoclip", (*_CLIP, "threshold")),
+    AdaGCState: ("adagc", (*_CLIP, "gamma")),
     ZClipState: ("zclip", (*_CLIP, "threshold", "spike", "mean", "std")),
     SkipState: (
         "skip_on_spike",
         ("skipped", "skip_count", "norm", "mean", "std")
         + ("loss", "loss_mean", "loss_std", "forced_count"),
     ),
+    ScaleBySpamState: ("spam", ("spikes", "reset_count")),
     DynamicLossScaleState: ("dynamic_loss_scale", ("scale", "skipped", "skip_count")),
     MonitorState: (
         "monitor_gradients",
@@ -150,15 +156,19 @@ def statistics(
     ``clip_by_range``,
     ``clip_by_global_norm``,
     ``clip_by_layer_norm``,
+    ``clip_by_block_rms``,
     ``adaptive_grad_clip``
     ``autoclip``              ``norm``, ``clipped``, ``clip_count``,
                               ``threshold``
+    ``adagc``                 ``norm``, ``clipped``, ``clip_count``,
+                              ``gamma`` (per tensor)
     ``zclip``                 ``norm``, ``clipped``, ``clip_count``,
                               ``threshold``, ``spike``, ``mean``, ``std``
     ``skip_on_spike``         ``skipped``, ``skip_count``, ``norm``, ``mean``,
                               ``std``; with a loss test ``loss``,
                               ``loss_mean``, ``loss_std``; with
                               ``max_consecutive``, ``forced_count``
+    ``spam``                  ``spikes``, ``reset_count``
     ``dynamic_loss_scale``    ``scale``, ``skipped``, ``skip_count``
     ``monitor_gradients``     ``global_norm``, ``nonfinite``, ``vanishing``,
                               ``exploding``, ``layer_norms``

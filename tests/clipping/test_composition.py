@@ -11,8 +11,10 @@ import pytest
 
 import jstab
 from jstab.clipping import (
+    _adagc,
     _agc,
     _autoclip,
+    _block_rms,
     _global_norm,
     _layer_norm,
     _skip,
@@ -193,7 +195,18 @@ def test_inject_hyperparams_with_bfloat16_params():
 
 
 @pytest.mark.parametrize(
-    "module", [_value, _global_norm, _layer_norm, _agc, _autoclip, _zclip, _skip]
+    "module",
+    [
+        _value,
+        _global_norm,
+        _layer_norm,
+        _block_rms,
+        _agc,
+        _adagc,
+        _autoclip,
+        _zclip,
+        _skip,
+    ],
 )
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)

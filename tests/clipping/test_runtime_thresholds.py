@@ -22,6 +22,8 @@ RULES = {
     "clip_by_global_norm": (jstab.clip_by_global_norm, "max_norm", {}),
     "clip_by_layer_norm": (jstab.clip_by_layer_norm, "max_norm", {}),
     "adaptive_grad_clip": (jstab.adaptive_grad_clip, "clipping", {}),
+    "clip_by_block_rms": (jstab.clip_by_block_rms, "threshold", {}),
+    "adagc warm-up": (jstab.adagc, "clipping", {}),
     "zclip max_norm": (jstab.zclip, "max_norm", {"warmup_steps": 1}),
 }
 
