@@ -111,7 +111,7 @@ def default() -> dict[str, Variant]:
         ),
         # The same with a loss test, a window of 128 and forced steps: what it
         # adds is scalar work on the loss and a ring buffer of 2 x 128 floats.
-        "jstab.skip_on_spike (loss, window)": Variant(
+        "jstab.skip_on_spike window": Variant(
             lambda opt: _given_loss(
                 jstab.skip_on_spike(
                     opt,

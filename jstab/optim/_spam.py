@@ -290,11 +290,17 @@ def spam(
 
     Args:
       learning_rate: a float >= 0, a scalar array or an ``optax.Schedule``.
-      b1, b2, eps, spike_threshold, reset_interval, warmup_steps, mu_dtype,
-        axis_name: as in :func:`scale_by_spam`.
+      b1: decay of the first moment, as in :func:`scale_by_spam`.
+      b2: decay of the second moment.
+      eps: added to :math:`\sqrt{\hat v}`.
+      spike_threshold: as in :func:`scale_by_spam`.
+      reset_interval: as in :func:`scale_by_spam`.
+      warmup_steps: as in :func:`scale_by_spam`.
       weight_decay: decoupled weight decay :math:`\lambda` >= 0.
       mask: as in ``optax.adamw``: a tree of bools like the params (or a
         function of them) choosing the parameters to decay.
+      mu_dtype: optional dtype of the first moment.
+      axis_name: as in :func:`scale_by_spam`.
 
     Returns:
       A :class:`optax.GradientTransformation`.
