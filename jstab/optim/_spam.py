@@ -234,9 +234,10 @@ def scale_by_spam(
             bound = theta.astype(dtype) * v
             spike = gate & (g * g > bound)
             clip = jnp.sign(g) * _numerics.safe_sqrt(jnp.where(spike, bound, 0))
-            g = jnp.where(spike, clip, g)
-            m = (1 - beta1) * g + beta1 * m
-            v = (1 - beta2) * g**2 + beta2 * v
+            # v takes the clipped g² as θ·v itself: no square root shared by
+            # m and v, which XLA would otherwise write out.
+            m = (1 - beta1) * jnp.where(spike, clip, g) + beta1 * m
+            v = (1 - beta2) * jnp.where(spike, bound, g * g) + beta2 * v
             m_hat = m / corrections[0].astype(dtype)
             v_hat = v / corrections[1].astype(dtype)
             u = m_hat / (jnp.sqrt(v_hat) + _hyper(eps, dtype)) * scale.astype(dtype)

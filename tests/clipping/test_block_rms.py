@@ -9,7 +9,6 @@ import pytest
 from _streams import traced_once
 from absl.testing import absltest, parameterized
 from jax.test_util import check_grads
-from optax._src import test_utils
 
 from jstab._numerics import ClipState
 from jstab.clipping._block_rms import ClipByBlockRmsState, clip_by_block_rms
@@ -63,7 +62,7 @@ class OptaxClippingTest(absltest.TestCase):
             updates_step, _ = clipper.update(
                 self.per_step_updates, clipper.init(self.per_step_updates)
             )
-            check(i, "step", test_utils.assert_trees_all_close, updates, updates_step)
+            check(i, "step", chex.assert_trees_all_close, updates, updates_step)
         return failures
 
     def test_clip_by_block_rms(self):
