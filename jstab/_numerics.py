@@ -9,12 +9,12 @@ the gradients, multiplied first by 2**-64 or 2**64 (float32; exact powers of
 two). So float32 gradients of 1e30 have a finite norm and gradients of 1e-30
 an accurate one, at no cost to ordinary steps.
 
-Five reductions go through :func:`_dispatch`, which on XLA's CPU backend
+Six reductions go through :func:`_dispatch`, which on XLA's CPU backend
 runs their counterparts in :mod:`jstab._xla_cpu` instead (the same results,
 compiled faster or run with fewer passes there; ``lax.platform_dependent``
 picks one when the program is lowered): :func:`group_reduce`,
-:func:`unstack`, :func:`element_statistics`, :func:`sumsq_and_count` and
-:func:`watch`.
+:func:`unstack`, :func:`element_statistics`, :func:`count_positive`,
+:func:`sumsq_and_count` and :func:`watch`.
 
 One limit remains, for per-layer and per-unit norms: a layer whose every
 square underflows (all magnitudes below about 1e-19 in float32) reports 0.
@@ -352,6 +352,20 @@ def _element_statistics(leaves, lo, hi, *, dtype):
         top = jnp.maximum(top, jnp.max(mag, initial=0))
         count = count + jnp.sum(out, dtype=jnp.int32).astype(jnp.float32)
     return top, count
+
+
+def count_positive(leaves: Sequence[chex.Array]) -> chex.Array:
+    """The int32 number of elements ``> 0`` (NaN is not) over ``leaves``.
+
+    It carries no gradient; each leaf's count is exact.
+    """
+    leaves = [lax.stop_gradient(x) for x in leaves]
+    return _dispatch("count_positive", _count_positive, leaves)
+
+
+def _count_positive(leaves):
+    counts = [jnp.sum(x > 0, dtype=jnp.int32) for x in leaves]
+    return sum(counts, jnp.zeros((), jnp.int32))
 
 
 def sumsq_and_count(units: chex.Array, limit: chex.Array):

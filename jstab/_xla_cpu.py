@@ -34,6 +34,7 @@ NAMES = (
     "group_reduce",
     "unstack",
     "element_statistics",
+    "count_positive",
     "sumsq_and_count",
     "watch",
 )
@@ -291,11 +292,12 @@ def _statistics(x, lo, hi, dtype, axis=None):
     )
 
 
-def element_statistics(leaves, lo, hi, *, dtype):
-    """:func:`jstab._numerics.element_statistics` by variadic reductions.
+def _each_statistics(leaves, lo, hi, dtype):
+    """:func:`_statistics` of each leaf, small leaves of one size stacked.
 
-    Small leaves of one size are stacked (:func:`batches`), so that a tree of
-    many small leaves compiles few kernels.
+    Returns the maxima and the int32 counts, vectors of one entry per
+    reduction; stacking (:func:`batches`) lets a tree of many small leaves
+    compile few kernels.
     """
     alone, stacks = batches(range(len(leaves)), leaves.__getitem__)
     parts = [_statistics(leaves[i], lo, hi, dtype) for i in alone]
@@ -305,7 +307,33 @@ def element_statistics(leaves, lo, hi, *, dtype):
             parts.append(_statistics(rows, lo, hi, dtype, axis=1))
     tops = jnp.concatenate([jnp.ravel(top) for top, _ in parts])
     counts = jnp.concatenate([jnp.ravel(n) for _, n in parts])
+    return tops, counts
+
+
+def element_statistics(leaves, lo, hi, *, dtype):
+    """:func:`jstab._numerics.element_statistics` by variadic reductions."""
+    tops, counts = _each_statistics(leaves, lo, hi, dtype)
     return jnp.max(tops, initial=0), jnp.sum(counts.astype(jnp.float32))
+
+
+def count_positive(leaves):
+    """:func:`jstab._numerics.count_positive` by variadic reductions.
+
+    A count alone is one reduction, which XLA's CPU backend splits in two,
+    writing the comparison out first: a temporary the size of the leaves.
+    Beside a maximum it stays one kernel with the comparison inside, and the
+    maximum must then be used, or XLA drops it and splits the count again:
+    the count is returned unless the maximum of ``|x|`` is -1, which it never
+    is. ``scale_by_spam``'s spike count with Adam's step on the ResNet-50
+    tree: 2.46 times Adam's step and 24 959 page faults a step alone, 1.06
+    and none this way.
+    """
+    if not leaves:
+        return jnp.zeros((), jnp.int32)
+    dtype = jnp.result_type(*leaves)
+    tops, counts = _each_statistics(leaves, jnp.asarray(-jnp.inf, dtype), 0, dtype)
+    n = jnp.sum(counts, dtype=jnp.int32)
+    return jnp.where(jnp.max(tops) == -1, 0, n)
 
 
 def _add_pairs(a, b):

@@ -1,6 +1,6 @@
 """The CPU forms of ``jstab._xla_cpu`` give the plain path's results.
 
-Each of the five reductions is compared with its plain form in
+Each of the six reductions is compared with its plain form in
 ``jstab._numerics`` on awkward inputs (many small leaves of one size, a leaf
 too big to stack, half precision, overflowing and underflowing values, NaN),
 and every transform is run with the CPU forms on (``JSTAB_XLA_CPU`` unset)
@@ -86,6 +86,16 @@ def test_element_statistics(symmetric):
         np.testing.assert_array_equal(a, b)
 
 
+def test_count_positive():
+    leaves = _leaves() + [jnp.zeros((0,), jnp.float32)]
+    leaves = [x - jnp.asarray(0.1, x.dtype) for x in leaves]  # some negative
+    cpu, ref = _both("count_positive", _numerics._count_positive, leaves)
+    assert cpu.dtype == ref.dtype == jnp.int32
+    assert 0 < int(ref) < sum(x.size for x in leaves)
+    assert int(cpu) == int(ref)
+    assert int(_xla_cpu.count_positive([])) == int(_numerics._count_positive([])) == 0
+
+
 def test_sumsq_and_count():
     units = jnp.asarray(np.random.default_rng(1).random((1, 3, 40)), jnp.float32)
     limit = jnp.full((1, 1, 40), 0.5, jnp.float32)
@@ -107,6 +117,9 @@ RULES = {
     "zclip": lambda: jstab.zclip(warmup_steps=2),
     "skip_on_spike": lambda: jstab.skip_on_spike(optax.adam(0.1), z_thresh=1.0),
     "monitor_gradients": lambda: jstab.monitor_gradients(),
+    "clip_by_block_rms": lambda: jstab.clip_by_block_rms(0.5),
+    "adagc": lambda: jstab.adagc(warmup_steps=2),
+    "scale_by_spam": lambda: jstab.scale_by_spam(spike_threshold=2.0),
 }
 
 

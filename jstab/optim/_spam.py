@@ -86,6 +86,18 @@ def _hyper(value: Any, dtype: jnp.dtype) -> Any:
     return jnp.asarray(value).astype(dtype)
 
 
+def _ratio(theta: chex.Array, beta2: Any) -> chex.Array:
+    r""":math:`r = \theta / (\beta_2 + (1 - \beta_2)\theta)`, so that
+    :math:`\theta v = r v'` for a clipped element, :math:`v'` the new v.
+
+    It is :math:`1 / (1 - \beta_2)` at :math:`\theta = \infty` and 0 at
+    :math:`\theta = 0`.
+    """
+    c = beta2 + (1 - beta2) * theta
+    finite = theta / jnp.where(c > 0, c, 1)
+    return jnp.where(jnp.isinf(theta), 1 / (1 - beta2), finite)
+
+
 def warmup_factor(t, reset_interval, warmup_steps, dtype=jnp.float32):
     """The update's scale :math:`s_t` of :func:`scale_by_spam` at step ``t``.
 
@@ -231,23 +243,27 @@ def scale_by_spam(
             beta1, beta2 = _hyper(b1, dtype), _hyper(b2, dtype)
             g, m, v = (y.astype(dtype) for y in (x, m0, v0))
             m, v = (jnp.where(reset, jnp.zeros_like(x), x) for x in (m, v))
-            bound = theta.astype(dtype) * v
-            spike = gate & (g * g > bound)
-            clip = jnp.sign(g) * _numerics.safe_sqrt(jnp.where(spike, bound, 0))
-            # v takes the clipped g² as θ·v itself: no square root shared by
-            # m and v, which XLA would otherwise write out.
+            th = theta.astype(dtype)
+            bound = th * v
+            g2 = jnp.where(gate & (g * g > bound), bound, g * g)
+            v = (1 - beta2) * g2 + beta2 * v
+            # m reads the new v, not the old one, which the step overwrites in
+            # place (XLA would copy it first): g² > θ·v_old exactly when
+            # g² > r·v_new, and then θ·v_old = r·v_new.
+            rv = _ratio(th, beta2) * v
+            spike = gate & (g * g > rv)
+            clip = jnp.sign(g) * _numerics.safe_sqrt(jnp.where(spike, rv, 0))
             m = (1 - beta1) * jnp.where(spike, clip, g) + beta1 * m
-            v = (1 - beta2) * jnp.where(spike, bound, g * g) + beta2 * v
             m_hat = m / corrections[0].astype(dtype)
             v_hat = v / corrections[1].astype(dtype)
             u = m_hat / (jnp.sqrt(v_hat) + _hyper(eps, dtype)) * scale.astype(dtype)
-            n = jnp.sum(spike, dtype=jnp.int32)
-            return u.astype(x.dtype), m.astype(m0.dtype), v.astype(v0.dtype), n
+            m, v, spike = m.astype(m0.dtype), v.astype(v0.dtype), spike.astype(dtype)
+            return u.astype(x.dtype), m, v, spike
 
         mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
         steps = [step(*x) for x in zip(leaves, mus, nus, strict=True)]
-        out, new_mu, new_nu, counts = ([s[i] for s in steps] for i in range(4))
-        spikes = sum(counts, jnp.zeros((), jnp.int32))
+        out, new_mu, new_nu, spiked = ([s[i] for s in steps] for i in range(4))
+        spikes = _numerics.count_positive(spiked)
         if axis_name is not None:
             spikes = lax.psum(spikes, axis_name)
         new = ScaleBySpamState(
