@@ -171,6 +171,13 @@ def scale_by_spam(
       (bfloat16 in their runs). Here ``mu`` has ``mu_dtype`` (else the
       params' dtype) and ``nu`` the params' dtype, as in Optax; everything is
       computed in float32 at least; the update has the gradient's dtype.
+    - The first moment's spike test and clipped value are computed from the
+      updated second moment :math:`v'`, as :math:`g_i^2 > r v'_i` and
+      :math:`\sqrt{r v'_i}` with :math:`r = \theta / (\beta_2 + (1 -
+      \beta_2)\theta)`: the same test and value as theirs, but for rounding
+      when :math:`g_i^2` is within an ulp or two of :math:`\theta v_i`.
+      Reading the old :math:`v` there, a jit-compiled step that donates the
+      state makes XLA copy it before overwriting it in place.
     - Their groups with ``density < 1`` (moments for a random subset of
       elements, redrawn at each reset) are not provided; density 1 (their
       scripts) computes the same. Per-group settings: ``optax.multi_transform``.
