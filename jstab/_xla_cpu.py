@@ -324,9 +324,9 @@ def count_positive(leaves):
     Beside a maximum it stays one kernel with the comparison inside, and the
     maximum must then be used, or XLA drops it and splits the count again:
     the count is returned unless the maximum of ``|x|`` is -1, which it never
-    is. ``scale_by_spam``'s spike count with Adam's step on the ResNet-50
-    tree: 2.46 times Adam's step and 24 959 page faults a step alone, 1.06
-    and none this way.
+    is. ``scale_by_spam``'s step on the ResNet-50 tree, with its spike count
+    alone: 2.46 times Adam's step and 24 959 page faults a step; this way
+    1.30 to 1.37 and none (the count's own read of g and v is what remains).
     """
     if not leaves:
         return jnp.zeros((), jnp.int32)
