@@ -44,7 +44,9 @@ from jstab.init import (
     Initializer,
     calculate_gain,
     compute_fans,
+    deepnorm_constants,
     delta_orthogonal,
+    depth_scaled,
     glorot_normal,
     glorot_uniform,
     he_normal,
@@ -61,6 +63,7 @@ from jstab.init import (
     xavier_normal,
     xavier_uniform,
 )
+from jstab import nn, nnx
 from jstab.optim import ScaleBySpamState, scale_by_spam, spam
 from jstab.precision import (
     DynamicLossScaleState,
@@ -104,7 +107,9 @@ __all__ = [
     "clip_by_value",
     "clip_grad_norm",
     "compute_fans",
+    "deepnorm_constants",
     "delta_orthogonal",
+    "depth_scaled",
     "dynamic_loss_scale",
     "global_norm",
     "glorot_normal",

@@ -5,6 +5,7 @@ Every builder returns ``init(key, shape, dtype=dtype) -> Array``, usable as
 """
 
 from jstab.init._core import Initializer
+from jstab.init._depth import deepnorm_constants, depth_scaled
 from jstab.init._fans import compute_fans
 from jstab.init._gain import calculate_gain
 from jstab.init._orthogonal import delta_orthogonal, orthogonal
@@ -27,7 +28,9 @@ __all__ = [
     "Initializer",
     "calculate_gain",
     "compute_fans",
+    "deepnorm_constants",
     "delta_orthogonal",
+    "depth_scaled",
     "glorot_normal",
     "glorot_uniform",
     "he_normal",
