@@ -5,6 +5,8 @@ transformations for clipping whose state records what they did, and
 diagnostics that tell which of the two problems a model has.
 """
 
+from jstab import nn as nn
+from jstab import nnx as nnx
 from jstab.clipping import (
     AdaGCState,
     AdaptiveGradClipState,
@@ -63,7 +65,6 @@ from jstab.init import (
     xavier_normal,
     xavier_uniform,
 )
-from jstab import nn, nnx
 from jstab.optim import ScaleBySpamState, scale_by_spam, spam
 from jstab.precision import (
     DynamicLossScaleState,

@@ -150,14 +150,14 @@ def deepnorm_constants(
     bounds the model's update and trained Transformers of 1,000 layers. With
     :math:`N` encoder and :math:`M` decoder layers (DeepNet's Table 1):
 
-    ======================  ================================  ==================================
-    stack                   :math:`\alpha`                    :math:`\beta`
-    ======================  ================================  ==================================
-    encoder only            :math:`(2N)^{1/4}`                :math:`(8N)^{-1/4}`
-    decoder only            :math:`(2M)^{1/4}`                :math:`(8M)^{-1/4}`
-    encoder of enc.-dec.    :math:`0.81\,(N^4 M)^{1/16}`      :math:`0.87\,(N^4 M)^{-1/16}`
-    decoder of enc.-dec.    :math:`(3M)^{1/4}`                :math:`(12M)^{-1/4}`
-    ======================  ================================  ==================================
+    ====================  ============================  =============================
+    stack                 :math:`\alpha`                :math:`\beta`
+    ====================  ============================  =============================
+    encoder only          :math:`(2N)^{1/4}`            :math:`(8N)^{-1/4}`
+    decoder only          :math:`(2M)^{1/4}`            :math:`(8M)^{-1/4}`
+    encoder of enc.-dec.  :math:`0.81(N^4 M)^{1/16}`    :math:`0.87(N^4 M)^{-1/16}`
+    decoder of enc.-dec.  :math:`(3M)^{1/4}`            :math:`(12M)^{-1/4}`
+    ====================  ============================  =============================
 
     Args:
       encoder_layers: :math:`N`, an int ≥ 0.
