@@ -224,3 +224,20 @@ def test_deepnorm_bad_arguments(kwargs, error, words):
 def test_examples_in_the_docstrings():
     result = doctest.testmod(_depth, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 4 and result.failed == 0
+
+
+@pytest.mark.parametrize("scheme", ["gpt2", "fixup", "deepnorm"])
+def test_the_initializer_contract(scheme):
+    # What every jstab initializer keeps: jit with a static shape and dtype,
+    # eval_shape, legacy keys, zero-sized shapes.
+    init = jstab.depth_scaled(jstab.he_normal(), 8, scheme=scheme)
+    eager = init(KEY, SHAPE, jnp.bfloat16)
+    jitted = jax.jit(init, static_argnums=(1, 2))(KEY, SHAPE, jnp.bfloat16)
+    np.testing.assert_array_equal(
+        np.asarray(eager, np.float32), np.asarray(jitted, np.float32)
+    )
+    abstract = jax.eval_shape(lambda key: init(key, SHAPE, jnp.float16), KEY)
+    assert abstract.shape == SHAPE and abstract.dtype == jnp.float16
+    legacy = init(jax.random.PRNGKey(0), SHAPE)
+    assert legacy.shape == SHAPE and bool(jnp.all(jnp.isfinite(legacy)))
+    assert init(KEY, (0, 4)).shape == (0, 4)
