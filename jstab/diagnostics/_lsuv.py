@@ -63,8 +63,9 @@ def lsuv(
     on ``batch`` (all its elements, before the nonlinearity). Biases are left
     as they are. A layer whose output has zero or non-finite variance cannot
     be rescaled: it is left with its orthogonal kernel and a warning names it.
-    Layers inside a transform of the model (a ``scan``) are left as they were,
-    with a warning, as in :func:`signal_propagation`.
+    Layers called inside a transform of the model (a ``scan``, an ``RNN``)
+    are left as they were, with a warning naming them: a kernel stacked
+    over a scan's iterations would need each slice rescaled in turn.
     Each pass is one jit-compiled forward pass; the result is deterministic
     given ``key``.
 

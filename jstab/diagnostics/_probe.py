@@ -13,12 +13,28 @@ module is merged from the split state inside ``apply`` and its layers are
 given a subclass that records each call, so the user's module and classes
 are never touched (``nnx.capture(method_outputs=...)`` patches the classes
 themselves and keeps no order).
+
+A layer called inside a JAX transform of the model (``nn.scan``,
+``nnx.scan``, ``nn.RNN``, ...) returns a value of the transform's inner
+trace, which cannot leave it: such a layer is *hidden*. ``apply(params,
+tap)`` hands each of its calls, as it is traced, to ``tap``, which may
+compute statistics and send them out with ``jax.debug.callback``. A hidden
+layer whose kernel the call sees without one axis (the kernel is stacked
+over the iterations of a scan, or the members of a vmap) is *stacked*: it
+is given an extra integer leaf beside its kernel, sliced by the transform
+as the kernel is, whose slice tells ``tap`` which iteration a call is.
+:func:`probe` traces the model once (``jax.eval_shape``) to find the
+hidden and stacked layers. Each ``apply`` tags its NNX layers anew: JAX
+keeps a scan's traced body for the same function and argument structure
+(an NNX graph included), and a body not traced again would keep the taps
+(or their absence) of an earlier trace.
 """
 
 from __future__ import annotations
 
 import contextvars
 import dataclasses
+import itertools
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -26,14 +42,85 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from flax import nnx
-from flax.core import meta
+from flax.core import meta, tracers
 
 from jstab import _numerics
 
 Path = tuple[Any, ...]
 Outputs = dict[str, list[chex.Array]]
+Tap = Callable[[str, chex.Array, chex.Array | None], None]
+
+# The key of the iteration leaf given to a stacked layer (see Stack).
+_ITERATION = "jstab_iteration"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+    """A kernel stacked over the iterations of a transform.
+
+    A call sees the kernel without one of ``axes`` (equal shapes result from
+    removing any of them; all have length ``n``). The iteration leaf
+    (:meth:`leaf`) is sliced by the transform as the kernel is, and the
+    slice a call sees tells which axis was sliced at which index
+    (:meth:`decode`).
+    """
+
+    axes: tuple[int, ...]
+    n: int
+    ndim: int
+
+    def leaf(self) -> np.ndarray:
+        """An int32 array of length ``n`` on ``axes`` (1 elsewhere): the digits
+        of its elements in base ``n`` are their indices on ``axes``."""
+        code = np.zeros([self.n if a in self.axes else 1 for a in range(self.ndim)])
+        for j, a in enumerate(self.axes):
+            index = np.arange(self.n).reshape(
+                [-1 if b == a else 1 for b in range(self.ndim)]
+            )
+            code = code + index * self.n**j
+        return code.astype(np.int32)
+
+    def decode(self, code: Any) -> tuple[int, int]:
+        """``(axis, index)`` of the slice of :meth:`leaf` a call saw.
+
+        The sliced axis's digit is the one the same in every element (the
+        other axes of ``axes`` are still there, and run over all indices).
+        """
+        powers = self.n ** np.arange(len(self.axes))
+        digits = np.ravel(code)[:, None] // powers % self.n
+        k = int(np.argmax(np.all(digits == digits[:1], axis=0)))
+        return self.axes[k], int(digits[0, k])
+
+
+def _stack(outer: tuple[int, ...], inner: tuple[int, ...]) -> Stack | None:
+    """How a kernel of shape ``outer`` seen as ``inner`` is stacked, if it is."""
+    outer, inner = tuple(outer), tuple(inner)
+    axes = tuple(a for a in range(len(outer)) if outer[:a] + outer[a + 1 :] == inner)
+    if not axes or outer[axes[0]] ** len(axes) > np.iinfo(np.int32).max:
+        return None
+    return Stack(axes, outer[axes[0]], len(outer))
+
+
+class _Trace:
+    """Numbers the traces layers are called in: ``None`` for the trace of
+    ``apply`` itself, 0, 1, ... for those of transforms inside the model."""
+
+    def __init__(self):
+        self.outer = tracers.current_trace()
+        self.inner: list[Any] = []
+
+    def __call__(self) -> int | None:
+        now = tracers.current_trace()
+        if now == self.outer:
+            return None
+        for i, seen in enumerate(self.inner):
+            if seen == now:
+                return i
+        self.inner.append(now)
+        return len(self.inner) - 1
 
 
 @dataclasses.dataclass
@@ -43,28 +130,46 @@ class Probe:
     Attributes:
       params: every trainable parameter, a flat list of arrays.
       kernels: ``{layer name: index of its kernel in params}``, unordered.
-      apply: ``apply(params) -> (output, {layer name: [output of each call]})``,
-        traceable; tracing it fills ``order``.
+      apply: ``apply(params, tap=None) -> (output, {layer name: [output of
+        each call]})``, traceable; the outputs are those of the calls
+        outside any transform. Each call of a :attr:`hidden` layer is handed
+        to ``tap(name, output, code)`` as it is traced, ``code`` being the
+        slice of its iteration leaf for a :attr:`stacked` layer (see
+        :meth:`Stack.decode`), else ``None``.
       order: the names of the layers called, in the order of their first call.
       rebuild: ``rebuild(params)``: new Linen variables or a new NNX module.
-      hidden: the layers called inside a JAX transform of the model (a
-        ``scan``, an ``RNN``), whose outputs cannot be seen from outside it;
-        filled by tracing ``apply``.
+      hidden: the layers called only inside a JAX transform of the model (a
+        ``scan``, an ``RNN``), whose outputs cannot leave it, in call order.
+      stacked: ``{name: Stack}`` of the hidden layers whose kernel is
+        stacked over the transform's iterations.
+      calls: every call of the first trace in order, as ``(name, trace)``:
+        ``trace`` is ``None`` outside transforms, else a number shared by
+        the calls traced in the same transform's body.
+      shapes: ``{name: shape of its kernel as its first call saw it}``.
     """
 
     params: list[chex.Array]
     kernels: dict[str, int]
-    apply: Callable[[list[chex.Array]], tuple[Any, Outputs]]
+    apply: Callable[..., tuple[Any, Outputs]]
     order: list[str]
     rebuild: Callable[[list[chex.Array]], Any]
     hidden: list[str] = dataclasses.field(default_factory=list)
+    stacked: dict[str, Stack] = dataclasses.field(default_factory=dict)
+    calls: list[tuple[str, int | None]] = dataclasses.field(default_factory=list)
+    shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+
+    def traced(self, calls: list, outs: Outputs) -> None:
+        """Notes what a trace of ``apply`` saw: its ``calls`` and ``outs``."""
+        if not self.calls:
+            self.calls[:] = calls
+        self.hidden[:] = [name for name in self.order if name not in outs]
 
     def warn_hidden(self, what: str) -> None:
         """Warns that ``what`` leaves out the :attr:`hidden` layers."""
         if self.hidden:
             warnings.warn(
                 f"{what}: layers called inside a transform of the model (a scan, "
-                f"an RNN) cannot be seen and are left out: {', '.join(self.hidden)}. "
+                f"an RNN) are left out: {', '.join(self.hidden)}. "
                 "Call them in a Python loop to include them.",
                 RuntimeWarning,
                 stacklevel=3,
@@ -125,7 +230,27 @@ def probe(module: Any, variables: Any, batch: Any, kwargs: Mapping | None) -> Pr
             f"module: {type(module).__name__} has no layer (no submodule owns a "
             "'kernel' parameter)"
         )
+    jax.eval_shape(found.apply, found.params)  # finds the hidden layers
+    for name in found.hidden:
+        outer = jnp.shape(found.params[found.kernels[name]])
+        stack = _stack(outer, found.shapes.get(name, outer))
+        if stack is not None:
+            found.stacked[name] = stack
     return found
+
+
+def _code(leaf: Any, stack: Stack | None) -> chex.Array | None:
+    """The slice of the iteration leaf a call sees, if the leaf was sliced."""
+    if stack is None or leaf is None or jnp.ndim(leaf) >= stack.ndim:
+        return None
+    return jnp.asarray(leaf)
+
+
+def _with_leaf(tree: Mapping, path: Path, leaf: Any) -> dict:
+    """``tree`` with ``leaf`` added under ``_ITERATION`` at ``path``."""
+    if not path:
+        return {**tree, _ITERATION: leaf}
+    return {**tree, path[0]: _with_leaf(tree[path[0]], path[1:], leaf)}
 
 
 def arguments(module: Any, args: tuple) -> tuple[Any, Any]:
@@ -159,17 +284,32 @@ def _linen(module: nn.Module, variables: Any, batch: Any, kwargs: dict) -> Probe
     layers = {paths[i][:-1]: name for name, i in kernels.items()}
     order: list[str] = []
 
-    def intercept(next_fun, args, kw, context):
-        name = layers.get(tuple(context.module.path))
-        if context.method_name == "__call__" and name and name not in order:
-            order.append(name)
-        return next_fun(*args, **kw)
-
     def capture(mdl: nn.Module, method: str) -> bool:
         return method == "__call__" and tuple(mdl.path) in layers
 
-    def apply(flat):
+    def apply(flat, tap: Tap | None = None):
         tree = jax.tree.unflatten(treedef, flat)
+        for name, stack in found.stacked.items():
+            tree = _with_leaf(tree, paths[kernels[name]][:-1], stack.leaf())
+        trace = _Trace()
+        calls: list[tuple[str, int | None]] = []
+
+        def intercept(next_fun, args, kw, context):
+            name = layers.get(tuple(context.module.path))
+            if context.method_name != "__call__" or name is None:
+                return next_fun(*args, **kw)
+            if name not in order:
+                order.append(name)
+            calls.append((name, trace()))
+            out = next_fun(*args, **kw)
+            params = context.module.variables.get("params", {})
+            if "kernel" in params:
+                found.shapes.setdefault(name, jnp.shape(params["kernel"]))
+            if tap is not None and name in found.hidden:
+                stack = found.stacked.get(name)
+                tap(name, out, _code(params.get(_ITERATION), stack))
+            return out
+
         with nn.intercept_methods(intercept):
             y, state = module.apply(
                 {**plain, "params": tree},
@@ -186,7 +326,7 @@ def _linen(module: nn.Module, variables: Any, batch: Any, kwargs: dict) -> Probe
                 node = node.get(key, {})
             if "__call__" in node:
                 outs[name] = list(node["__call__"])
-        found.hidden[:] = [name for name in order if name not in outs]
+        found.traced(calls, outs)
         return y, outs
 
     def rebuild(flat):
@@ -205,20 +345,21 @@ _RECORDER: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
     "jstab_layer_recorder", default=None
 )
 _RECORDING: dict[type, type] = {}
+# An NNX layer's tag: (its name, the number of the apply that tagged it).
+_TAG = "_jstab_layer"
+_APPLIES = itertools.count()
 
 
 def _recording(cls: type) -> type:
-    """``cls`` with a ``__call__`` that reports to the active recorder."""
+    """``cls`` with a ``__call__`` that the active recorder runs."""
     if cls not in _RECORDING:
 
         def __call__(self, *args, **kwargs):
+            call = super(sub, self).__call__
             record = _RECORDER.get()
-            if record is not None:
-                record(self, None)
-            out = super(sub, self).__call__(*args, **kwargs)
-            if record is not None:
-                record(self, out)
-            return out
+            if record is None:
+                return call(*args, **kwargs)
+            return record(self, lambda: call(*args, **kwargs))
 
         sub = type(cls.__name__, (cls,), {"__call__": __call__})
         sub.__module__ = cls.__module__
@@ -232,6 +373,10 @@ def _nnx_path(keys: tuple) -> Path:
     if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey):
         keys = keys[:-1]
     return tuple(getattr(k, "key", getattr(k, "idx", None)) for k in keys)
+
+
+def _value(variable: Any) -> Any:
+    return variable.get_value() if isinstance(variable, nnx.Variable) else variable
 
 
 def _nnx(model: nnx.Module, batch: Any, kwargs: dict) -> Probe:
@@ -250,34 +395,45 @@ def _nnx(model: nnx.Module, batch: Any, kwargs: dict) -> Probe:
         params = jax.tree.unflatten(treedef, flat)
         return nnx.merge(graphdef, params, jax.tree.unflatten(others_def, others))
 
-    def apply(flat):
+    def apply(flat, tap: Tap | None = None):
         copy = rebuild(flat)
-        names = {}
+        number = next(_APPLIES)
         for path, node in nnx.iter_graph(copy):
             name = layers.get(tuple(path))
             if name is not None and isinstance(node, nnx.Module):
-                names[id(node)] = name
                 node.__class__ = _recording(type(node))
+                # Copies made by NNX transforms inside the model keep the tag.
+                setattr(node, _TAG, (name, number))
+                if name in found.stacked:
+                    kind = type(node.kernel)  # the transform slices it as the kernel
+                    setattr(node, _ITERATION, kind(found.stacked[name].leaf()))
+        trace = _Trace()
+        calls: list[tuple[str, int | None]] = []
         outs: Outputs = {}
 
-        def record(layer, out):
-            name = names.get(id(layer))
-            if name is None:  # a copy made by an NNX transform inside the model
-                hidden = f"a {type(layer).__name__}"
-                if hidden not in found.hidden:
-                    found.hidden.append(hidden)
-                return
-            if out is None:
-                if name not in order:
-                    order.append(name)
-            else:
+        def record(layer, call):
+            name, tagged = getattr(layer, _TAG, (None, None))
+            if tagged != number:
+                return call()
+            if name not in order:
+                order.append(name)
+            inside = trace()
+            calls.append((name, inside))
+            out = call()
+            found.shapes.setdefault(name, jnp.shape(_value(layer.kernel)))
+            if inside is None:
                 outs.setdefault(name, []).append(out)
+            elif tap is not None and name in found.hidden:
+                stack = found.stacked.get(name)
+                tap(name, out, _code(_value(getattr(layer, _ITERATION, None)), stack))
+            return out
 
         token = _RECORDER.set(record)
         try:
             y = copy(batch, **kwargs)
         finally:
             _RECORDER.reset(token)
+        found.traced(calls, outs)
         return y, outs
 
     found = Probe(params, kernels, apply, order, rebuild)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, overload
 
@@ -27,7 +28,11 @@ class SignalReport:
 
     Attributes:
       layers: the layers' names (module paths such as ``"Dense_0"`` or
-        ``"blocks/2/linear"``), in the order of their first call.
+        ``"blocks/2/linear"``), in the order of their first call. A layer
+        whose kernel is stacked over the iterations of a scan has one row
+        per iteration, ``"blocks/linear[i]"`` for the iteration that uses
+        slice ``i`` of the kernel; the layers of one scan's body alternate
+        (``a[0], b[0], a[1], b[1], ...``).
       activation_mean: float32 array, the mean of each layer's output over
         all its elements (before the nonlinearity that follows it).
       activation_std: float32 array, their standard deviation.
@@ -35,7 +40,8 @@ class SignalReport:
         (last axis) that are dead for the whole batch: ``≤ 0`` everywhere for
         ``nonlinearity="relu"``, ``|x| > 3`` everywhere (saturated) for
         ``"sigmoid"`` and ``"tanh"``.
-      grad_norm: float32 array, the L2 norm of ``∂L/∂kernel`` of each layer.
+      grad_norm: float32 array, the L2 norm of ``∂L/∂kernel`` of each layer
+        (of slice ``i`` of it for a row ``"name[i]"``).
       vanishing: ``grad_norm[0] < vanishing_ratio * grad_norm[-1]``.
       exploding: a statistic is not finite, or
         ``activation_std[-1] > exploding_ratio * activation_std[0]``, or
@@ -86,14 +92,110 @@ def _default_loss(output: Any) -> chex.Array:
     return 0.5 * jnp.mean(x * x)
 
 
+def _dead(rows: chex.Array, nonlinearity: str) -> chex.Array:
+    """Per unit (column of ``rows``): dead or saturated at every position."""
+    if nonlinearity == "relu":
+        return jnp.all(rows <= 0, axis=0)
+    return jnp.all(jnp.abs(rows) > _SATURATED, axis=0)
+
+
 def _layer_stats(calls: list[chex.Array], nonlinearity: str) -> list[chex.Array]:
     """Mean, std and dead fraction of a layer's outputs over all its calls."""
     rows = _probe.rows(calls)
-    if nonlinearity == "relu":
-        dead = jnp.all(rows <= 0, axis=0)
-    else:
-        dead = jnp.all(jnp.abs(rows) > _SATURATED, axis=0)
+    dead = _dead(rows, nonlinearity)
     return [jnp.mean(rows), jnp.std(rows), jnp.mean(dead.astype(rows.dtype))]
+
+
+@dataclasses.dataclass
+class _Moments:
+    """Count, mean, sum of squared deviations and dead units of some calls."""
+
+    count: int
+    mean: float
+    m2: float
+    dead: np.ndarray
+
+    def merge(self, other: _Moments) -> None:
+        """Adds ``other``'s calls (Chan et al.'s pairwise update)."""
+        if other.dead.shape != self.dead.shape:  # as rows(): the first call's units
+            return
+        count = self.count + other.count
+        delta = other.mean - self.mean
+        self.mean += delta * other.count / count
+        self.m2 += other.m2 + delta * delta * self.count * other.count / count
+        self.count = count
+        self.dead = self.dead & other.dead
+
+    def stats(self) -> list[float]:
+        return [self.mean, np.sqrt(self.m2 / self.count), float(np.mean(self.dead))]
+
+
+def _deliver(sink: list, name: str, count: int, mean, m2, dead, code) -> None:
+    """Keeps one call of a hidden layer, as ``jax.debug.callback`` delivers it.
+
+    Calls arrive in no set order, and a call may arrive twice (a
+    rematerialized forward pass runs again for the gradient): twice the
+    same moments leave a row's mean, std and dead units as they are.
+    """
+    moments = _Moments(count, float(mean), float(m2), np.asarray(dead, bool))
+    sink.append((name, moments, None if code is None else np.asarray(code)))
+
+
+def _hidden_rows(
+    found: _probe.Probe, sink: list, grads: dict
+) -> dict[tuple[str, int | None], list[float]]:
+    """``{(layer, iteration or None): [mean, std, dead, grad norm]}`` of the
+    hidden layers' delivered calls."""
+    moments: dict[tuple[str, int | None], _Moments] = {}
+    axes: dict[str, int] = {}
+    for name, m, code in sink:
+        key = (name, None)
+        if code is not None:
+            axes[name], i = found.stacked[name].decode(code)
+            key = (name, i)
+        if key in moments:
+            moments[key].merge(m)
+        else:
+            moments[key] = m
+    rows = {}
+    for (name, i), m in moments.items():
+        total, slices = grads[name]
+        grad = total if i is None else slices[axes[name]][i]
+        rows[(name, i)] = [*m.stats(), grad]
+    return rows
+
+
+def _forward_order(
+    found: _probe.Probe, keys: set[tuple[str, int | None]]
+) -> list[tuple[str, int | None]]:
+    """The rows ``keys`` in forward order.
+
+    A row ``(name, None)`` takes its layer's first call. The iterations of
+    the stacked layers traced in one transform's body run together:
+    ``(a, 0), (b, 0), (a, 1), (b, 1), ...``.
+    """
+    iterations: dict[str, set[int]] = {}
+    for name, i in keys:
+        if i is not None:
+            iterations.setdefault(name, set()).add(i)
+    bodies: dict[int | None, list[str]] = {}
+    for name, trace in found.calls:
+        if name in iterations and name not in bodies.setdefault(trace, []):
+            bodies[trace].append(name)
+    order: list[tuple[str, int | None]] = []
+    done: set[str] = set()
+    for name, trace in found.calls:
+        if name in done:
+            continue
+        if (name, None) in keys:
+            order.append((name, None))
+            done.add(name)
+        elif name in iterations:
+            body = [m for m in bodies[trace] if m not in done]
+            for i in sorted(set().union(*(iterations[m] for m in body))):
+                order += [(m, i) for m in body if (m, i) in keys]
+            done.update(body)
+    return order
 
 
 def _report(
@@ -104,26 +206,52 @@ def _report(
     exploding_ratio: float,
 ) -> SignalReport:
     loss_fn = loss_fn or _default_loss
+    sink: list = []
+
+    def tap(name, out, code):
+        rows = _probe.rows([out])
+        mean = jnp.mean(rows)
+        m2 = jnp.sum(jnp.square(rows - mean))
+        deliver = functools.partial(_deliver, sink, name, rows.size)
+        jax.debug.callback(deliver, mean, m2, _dead(rows, nonlinearity), code)
 
     def measure(params):
         def loss(params):
-            y, outs = found.apply(params)
+            y, outs = found.apply(params, tap)
             return loss_fn(y), outs
 
         (_, outs), grads = jax.value_and_grad(loss, has_aux=True)(params)
-        return {
+        plain = {
             name: [
                 *_layer_stats(calls, nonlinearity),
                 _numerics.global_norm([grads[found.kernels[name]]]),
             ]
             for name, calls in outs.items()
         }
+        hidden = {}
+        for name in found.hidden:
+            g = grads[found.kernels[name]]
+            stack = found.stacked.get(name)
+            slices = {
+                a: _numerics.group_norms(
+                    list(jnp.moveaxis(g, a, 0)),
+                    [[i] for i in range(stack.n)],
+                    zero=True,
+                )
+                for a in (stack.axes if stack else ())
+            }
+            hidden[name] = (_numerics.global_norm([g]), slices)
+        return plain, hidden
 
-    measured = jax.device_get(jax.jit(measure)(found.params))
-    names = tuple(name for name in found.order if name in measured)
-    if not names:
+    plain, grads = jax.device_get(jax.jit(measure)(found.params))
+    jax.effects_barrier()  # every call of a hidden layer is delivered
+    measured = {(name, None): row for name, row in plain.items()}
+    measured.update(_hidden_rows(found, sink, grads))
+    keys = _forward_order(found, set(measured))
+    if not keys:
         raise TypeError("module: the forward pass called none of its layers")
-    table = np.array([measured[n] for n in names], np.float32).reshape(len(names), 4)
+    names = tuple(name if i is None else f"{name}[{i}]" for name, i in keys)
+    table = np.array([measured[k] for k in keys], np.float32).reshape(len(names), 4)
     mean, std, dead, grad = (np.ascontiguousarray(c) for c in table.T)
     vanishing = bool(grad[0] < vanishing_ratio * grad[-1])
     exploding = bool(
@@ -175,8 +303,16 @@ def signal_propagation(
     ``capture_intermediates``, NNX ones from a throwaway copy of the model.
     A layer called several times (a shared or recurrent cell) is measured
     over all its calls. Layers called inside a transform of the model (a
-    ``scan``, such as ``nn.RNN`` or ``nnx.RNN``) cannot be seen from outside
-    it: they are left out, with a warning naming them.
+    ``scan``: ``nn.scan``, ``nnx.scan``, ``nn.RNN``, ``nnx.RNN``) are
+    measured inside it, without unrolling it: each call's statistics leave
+    the compiled pass by ``jax.debug.callback``. A layer whose kernel is
+    stacked over the scan's iterations (blocks scanned over, "scan over
+    layers") gets one row per iteration, ``"blocks/linear[i]"``, with the
+    norm of slice ``i`` of its kernel's gradient; the rows of a scan run
+    with ``reverse=True`` stay in the order of the slices. A layer whose
+    kernel the scan shares between iterations (a recurrent cell) gets one
+    row over all its calls, as in a Python loop; so does a kernel stacked
+    over two nested scans.
 
     Args:
       module: a ``flax.linen.Module`` or a ``flax.nnx.Module``.
@@ -201,6 +337,4 @@ def signal_propagation(
     _checks.positive("exploding_ratio", exploding_ratio)
     variables, batch = _probe.arguments(module, args)
     found = _probe.probe(module, variables, batch, model_kwargs)
-    report = _report(found, loss_fn, nonlinearity, vanishing_ratio, exploding_ratio)
-    found.warn_hidden("signal_propagation")
-    return report
+    return _report(found, loss_fn, nonlinearity, vanishing_ratio, exploding_ratio)

@@ -89,3 +89,113 @@ def nnx_training(tx, *, moments=False):
         return jstab.statistics(optimizer.opt_state, moments=moments)
 
     return model, optimizer, lambda: train_step(model, optimizer)
+
+
+class LinenBlock(nn.Module):
+    """A residual block, ``x + Dense(relu(Dense(x)))``, shaped for ``nn.scan``."""
+
+    width: int = 16
+
+    @nn.compact
+    def __call__(self, x, _=None):
+        h = jax.nn.relu(nn.Dense(self.width)(x))
+        return x + nn.Dense(self.width)(h), None
+
+
+class LinenResidual(nn.Module):
+    """An input projection, ``depth`` residual blocks and a head.
+
+    The blocks run through ``nn.scan`` (one module ``blocks`` whose kernels
+    are stacked over the blocks) unless ``unroll``: then a Python loop calls
+    ``blocks_0``, ``blocks_1``, ...
+    """
+
+    depth: int = 6
+    width: int = 16
+    unroll: bool = False
+    reverse: bool = False
+    block: type = LinenBlock
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(self.width, name="proj")(x)
+        if self.unroll:
+            steps = range(self.depth)[:: -1 if self.reverse else 1]
+            for i in steps:
+                x, _ = self.block(self.width, name=f"blocks_{i}")(x)
+        else:
+            blocks = nn.scan(
+                self.block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                length=self.depth,
+                reverse=self.reverse,
+            )
+            x, _ = blocks(self.width, name="blocks")(x, None)
+        return nn.Dense(1, name="head")(x)
+
+
+def unstack_linen(params, depth):
+    """The params of an unrolled :class:`LinenResidual` from a scanned one's."""
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    for i in range(depth):
+        out[f"blocks_{i}"] = jax.tree.map(lambda a, i=i: a[i], params["blocks"])
+    return out
+
+
+class NnxBlock(nnx.Module):
+    """A residual block, ``x + linear2(relu(linear1(x)))``."""
+
+    def __init__(self, width, *, rngs):
+        self.linear1 = nnx.Linear(width, width, rngs=rngs)
+        self.linear2 = nnx.Linear(width, width, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.linear2(jax.nn.relu(self.linear1(x)))
+
+
+@nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+def _run_blocks(x, block):
+    return block(x)
+
+
+class NnxResidual(nnx.Module):
+    """The NNX twin of :class:`LinenResidual`, as Flax's "scan over layers".
+
+    The blocks are created by ``nnx.vmap`` over split keys (one module
+    ``blocks`` with stacked kernels) and run by ``nnx.scan``; with
+    ``unroll``, ``blocks`` is a list called in a Python loop.
+    """
+
+    def __init__(self, din, depth=6, width=16, *, unroll=False, rngs):
+        self.proj = nnx.Linear(din, width, rngs=rngs)
+        if unroll:
+            self.blocks = nnx.List([NnxBlock(width, rngs=rngs) for _ in range(depth)])
+        else:
+
+            @nnx.split_rngs(splits=depth)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def create(rngs):
+                return NnxBlock(width, rngs=rngs)
+
+            self.blocks = create(rngs)
+        self.head = nnx.Linear(width, 1, rngs=rngs)
+        self.unroll = unroll
+
+    def __call__(self, x):
+        x = self.proj(x)
+        if self.unroll:
+            for block in self.blocks:
+                x = block(x)
+        else:
+            x = _run_blocks(x, self.blocks)
+        return self.head(x)
+
+
+def unstack_nnx(scanned, loop):
+    """Gives the unrolled :class:`NnxResidual` ``loop`` the params of ``scanned``."""
+    nnx.update(loop.proj, nnx.state(scanned.proj))
+    nnx.update(loop.head, nnx.state(scanned.head))
+    stacked = nnx.state(scanned.blocks)
+    for i, block in enumerate(loop.blocks):
+        nnx.update(block, jax.tree.map(lambda a, i=i: a[i], stacked))

@@ -1,5 +1,7 @@
 """signal_propagation: vanishing and exploding seen at initialization."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -225,7 +227,7 @@ def test_a_model_that_calls_no_layer_is_refused():
 
 
 class _Scanned(nn.Module):
-    """A recurrent cell run by nn.RNN (a scan): its layers are hidden."""
+    """A recurrent cell run by nn.RNN (a scan), its kernels shared by the steps."""
 
     @nn.compact
     def __call__(self, x):
@@ -253,18 +255,55 @@ class _NnxScanned(nnx.Module):
         return self.out(self.rnn(x)[:, -1])
 
 
-def test_layers_inside_a_scan_are_named_in_a_warning():
+class _NnxUnrolled(nnx.Module):
+    """``_NnxScanned``'s cell and head, the cell called in a Python loop."""
+
+    def __init__(self, scanned):
+        self.cell, self.out = scanned.rnn.cell, scanned.out
+
+    def __call__(self, x):
+        carry = jnp.zeros((x.shape[0], 8))  # nnx.RNN's carry: zeros
+        for t in range(x.shape[1]):
+            carry, y = self.cell(carry, x[:, t])
+        return self.out(y)
+
+
+def _assert_same_rows(got, want):
+    for field in ("activation_mean", "activation_std", "dead_fraction", "grad_norm"):
+        np.testing.assert_allclose(
+            getattr(got, field), getattr(want, field), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_a_recurrent_cell_inside_a_scan_is_measured_over_all_steps():
     x = batch((4, 6, 3))
     model = _Scanned()
     variables = model.init(jax.random.key(0), x)
-    with pytest.warns(RuntimeWarning, match="SimpleCell_0/i, SimpleCell_0/h"):
-        report = jstab.signal_propagation(model, variables, x)
-    assert report.layers == ("Dense_0",)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = jstab.signal_propagation(model, variables, x, nonlinearity="tanh")
+    # One row per layer, as for the cell called in a Python loop.
+    assert report.layers == ("SimpleCell_0/i", "SimpleCell_0/h", "Dense_0")
+    unrolled = jstab.signal_propagation(_Unrolled(), variables, x, nonlinearity="tanh")
+    _assert_same_rows(report, unrolled)
+    # LSUV still leaves them out.
     with pytest.warns(RuntimeWarning, match="lsuv: .* SimpleCell_0/i"):
         jstab.lsuv(model, variables, x)
-    with pytest.warns(RuntimeWarning, match="a Linear"):
-        report = jstab.signal_propagation(_NnxScanned(nnx.Rngs(0)), x)
-    assert report.layers == ("out",)
+
+
+def test_an_nnx_recurrent_cell_inside_a_scan_is_measured_over_all_steps():
+    x = batch((4, 6, 3))
+    model = _NnxScanned(nnx.Rngs(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = jstab.signal_propagation(model, x, nonlinearity="tanh")
+    cell = ("rnn/cell/dense_i", "rnn/cell/dense_h")
+    assert report.layers == (*cell, "out")
+    unrolled = jstab.signal_propagation(_NnxUnrolled(model), x, nonlinearity="tanh")
+    assert unrolled.layers == ("cell/dense_i", "cell/dense_h", "out")
+    _assert_same_rows(report, unrolled)
+    with pytest.warns(RuntimeWarning, match="lsuv: .* rnn/cell/dense_i"):
+        jstab.lsuv(model, x)
 
 
 def test_an_unrolled_recurrent_cell_is_measured_over_all_steps():
