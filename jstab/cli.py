@@ -38,17 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
             "Diagnose and train a deep MLP and a deep CNN on scikit-learn's "
             "digits and recurrent networks on the adding problem, with each "
             "initialization, architecture, clipping rule, normalization, "
-            "optimizer and greedy pretraining; print a table and write it, "
-            "the plots and a JSON record into --out. About 5 minutes on 2 "
-            "CPU cores; --full runs every configuration, --quick a reduced "
-            "set for CI."
+            "optimizer and greedy pretraining (parts A to E); then residual "
+            "MLPs without normalization at 16, 64 and 256 blocks, their "
+            "branches unscaled, scaled with the depth (GPT-2, Fixup), gated "
+            "or batch-normalized (part G). Print the tables and write them, "
+            "the plots and JSON records into --out. About 7 minutes on 2 "
+            "CPU cores; --full runs every configuration and part G at 1000 "
+            "blocks too, --quick a reduced set for CI."
         ),
     )
     demo.add_argument(
         "--out",
         type=Path,
         default=None,
-        help="folder for the table, plots and results.json "
+        help="folder for the tables, plots, results.json and depth.json "
         "(default: a new folder ./jstab-demo-<date>-<time>)",
     )
     level = demo.add_mutually_exclusive_group()
@@ -59,14 +62,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--full",
         action="store_true",
         help="every configuration (the default run leaves out the CNN's "
-        "residual and batch-norm rows, SGD with momentum and the LSTM)",
+        "residual and batch-norm rows, SGD with momentum and the LSTM), and "
+        "part G at 1000 blocks and 1000 steps",
+    )
+    demo.add_argument(
+        "--depth-only",
+        action="store_true",
+        help="run part G alone (at the budget --quick or --full selects)",
     )
     demo.add_argument("--seed", type=int, default=0, help="seed of every key")
     demo.add_argument(
-        "--seeds", type=_positive, default=None, help="models per configuration"
+        "--seeds",
+        type=_positive,
+        default=None,
+        help="models per configuration (part G's too)",
     )
     demo.add_argument(
-        "--steps", type=_positive, default=None, help="Adam steps per model"
+        "--steps",
+        type=_positive,
+        default=None,
+        help="Adam steps per model (part G's too)",
     )
     demo.add_argument(
         "--no-progress", action="store_true", help="hide the progress bar"
@@ -213,11 +228,16 @@ def _demo(args: argparse.Namespace) -> int:
     from jstab import demo
 
     budget = demo.QUICK if args.quick else demo.DEFAULT
+    depth_budget = demo.depth.QUICK if args.quick else demo.depth.DEFAULT
+    if args.full:
+        depth_budget = demo.depth.FULL
     overrides = {"seeds": args.seeds, "steps": args.steps}
-    budget = dataclasses.replace(
-        budget, **{k: v for k, v in overrides.items() if v is not None}
-    )
-    if args.quick:
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    budget = dataclasses.replace(budget, **overrides)
+    depth_budget = dataclasses.replace(depth_budget, **overrides)
+    if args.depth_only:
+        configs = []
+    elif args.quick:
         configs = [c for c in demo.CONFIGS if c.quick]
     else:
         configs = [c for c in demo.CONFIGS if args.full or not c.full]
@@ -225,10 +245,17 @@ def _demo(args: argparse.Namespace) -> int:
     if out is None:
         out = Path(f"jstab-demo-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     results = demo.run(
-        configs, budget, out, seed=args.seed, progress=not args.no_progress
+        configs,
+        budget,
+        out,
+        seed=args.seed,
+        progress=not args.no_progress,
+        depth_budget=depth_budget,
     )
-    print(demo.report.table(results, budget))
-    print(f"\nTable, plots and results.json written to {out}/")
+    if results:
+        print(demo.report.table(results, budget) + "\n")
+    print((out / "depth.md").read_text(), end="")
+    print(f"\nTables, plots, results.json and depth.json written to {out}/")
     return 0
 
 

@@ -4,8 +4,11 @@ Part A trains a deep MLP on scikit-learn's digits with each initialization,
 architecture, clipping rule and spectral normalization; part B trains
 recurrent networks on the adding problem; part C a deep CNN on the digits'
 images; part D the deep sigmoid MLP with each optimizer, and after greedy
-layer-wise pretraining. Every configuration is diagnosed at initialization
-and trained for several seeds; the results make a table and plots.
+layer-wise pretraining; part G residual MLPs without normalization at
+depths up to 256 blocks (1000 with ``--full``), their branches unscaled,
+scaled with the depth (GPT-2, Fixup), gated (:class:`jstab.nn.ResidualGate`)
+or batch-normalized. Every configuration is diagnosed at initialization and
+trained for several seeds; the results make tables and plots.
 
 The pieces are meant to be read and forked:
 
@@ -16,6 +19,7 @@ The pieces are meant to be read and forked:
   CD-1, denoising autoencoders);
 - :mod:`jstab.demo.train`: the training loop (seeds vmapped, steps scanned);
 - :mod:`jstab.demo.experiments`: the configurations, and measuring one;
+- :mod:`jstab.demo.depth`: part G, its networks, budget, table and plot;
 - :mod:`jstab.demo.report`: the table, the plots and the JSON record.
 
 Needs the ``demo`` extra (scikit-learn, matplotlib, tqdm).
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import jax
 
-from jstab.demo import data, report
+from jstab.demo import data, depth, report
 from jstab.demo.experiments import (
     CONFIGS,
     DEFAULT,
@@ -61,6 +65,7 @@ def run(
     *,
     seed: int = 0,
     progress: bool = True,
+    depth_budget: depth.Budget | None = None,
 ) -> list[Result]:
     """Measures ``configs`` one after the other; writes the outputs to ``out``.
 
@@ -71,9 +76,14 @@ def run(
         (:func:`report.write`); nothing is written if ``None``.
       seed: the seed of every key (initializations, minibatches, test data).
       progress: whether to show a progress bar (tqdm) on stderr.
+      depth_budget: part G's budget (:data:`jstab.demo.depth.DEFAULT`,
+        ``QUICK`` or ``FULL``), to run it after ``configs`` and write
+        ``depth.md``, ``depth.json`` and ``depth.png`` into ``out``
+        (:func:`jstab.demo.depth.write`); ``None`` leaves part G out.
 
     Returns:
-      One :class:`~jstab.demo.experiments.Result` per configuration.
+      One :class:`~jstab.demo.experiments.Result` per configuration (part
+      G's rows are in ``out``; :func:`jstab.demo.depth.sweep` returns them).
     """
     from tqdm.auto import tqdm
 
@@ -97,15 +107,46 @@ def run(
             results.append(
                 measure(config, budget, seed=seed, split=split, progress=advance)
             )
-    if out is not None:
+    about = {
+        "seed": seed,
+        "jax": jax.__version__,
+        "device": str(jax.devices()[0].device_kind),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    }
+    if out is not None and results:
         report.write(
             results,
             budget,
             Path(out),
-            seed=seed,
             seconds=time.perf_counter() - start,
-            jax=jax.__version__,
-            device=str(jax.devices()[0].device_kind),
-            machine=f"{platform.machine()}, {os.cpu_count()} cores",
+            **about,
         )
+    if depth_budget is not None:
+        _depth(depth_budget, out, split, progress, about)
     return results
+
+
+def _depth(
+    budget: depth.Budget,
+    out: Path | str | None,
+    split: data.Split,
+    progress: bool,
+    about: dict,
+) -> None:
+    """Part G, with its own progress bar; its outputs written to ``out``."""
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    total = len(budget.depths) * len(depth.GROUPS) * budget.steps
+    with tqdm(
+        total=total, unit="step", disable=not progress, leave=False, desc="part G"
+    ) as bar:
+        rows = depth.sweep(
+            budget,
+            seed=about["seed"],
+            split=split,
+            progress=lambda steps: bar.update(steps - bar.n),
+        )
+    if out is not None:
+        seconds = time.perf_counter() - start
+        depth.write(rows, budget, Path(out), seconds=seconds, **about)

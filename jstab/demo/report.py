@@ -83,20 +83,20 @@ def table(results: Sequence[Result], budget: Budget) -> str:
     blocks = []
     for part, title in PARTS.items():
         rows = [row(r, budget.steps) for r in results if r.config.table == part]
-        if not rows:
-            continue
-        widths = [
-            max(len(c) for c in column) for column in zip(_HEAD, *rows, strict=True)
-        ]
-        lines = [
-            "| "
-            + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))
-            + " |"
-            for cells in (_HEAD, *rows)
-        ]
-        lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-        blocks.append(f"{title}\n\n" + "\n".join(lines))
+        if rows:
+            blocks.append(f"{title}\n\n{markdown(_HEAD, rows)}")
     return "\n\n".join(blocks)
+
+
+def markdown(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table: the header ``head`` and ``rows``, columns aligned."""
+    widths = [max(len(c) for c in column) for column in zip(head, *rows, strict=True)]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+        for cells in (head, *rows)
+    ]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
 
 
 def record(results: Sequence[Result], budget: Budget, **about: Any) -> dict:

@@ -139,3 +139,17 @@ def test_sgd_on_the_exploding_mlp_needs_the_clip_to_stay_finite(quick_run):
     assert not all(
         math.isfinite(v) for v in rows["ReLU + N(0, 1), SGD 0.1"]["train_loss"]
     )
+
+
+def test_quick_run_prints_and_writes_part_g(quick_run):
+    out, stdout = quick_run
+    table = (out / "depth.md").read_text()
+    assert table.startswith(demo.depth.TITLE)
+    assert table.strip() in stdout
+    assert stdout.index(demo.depth.TITLE) > stdout.index(demo.report.PARTS["digits"])
+    record = json.loads((out / "depth.json").read_text())
+    assert record["budget"]["depths"] == list(demo.depth.QUICK.depths)
+    assert len(record["rows"]) == len(demo.depth.QUICK.depths) * len(
+        demo.depth.VARIANTS
+    )
+    assert (out / "depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -86,15 +86,22 @@ def test_recurrent_regressor_scanned_and_unrolled_are_the_same_function(cell):
     )
 
 
-def test_signal_propagation_sees_the_cell_only_when_unrolled():
+def test_signal_propagation_sees_the_cell_scanned_or_unrolled():
     x, _ = data.adding_problem(jax.random.key(0), 16, 10)
     cell = nn.SimpleCell(8)
     variables = models.RecurrentRegressor(cell).init(jax.random.key(1), x)
     unrolled = models.RecurrentRegressor(cell, unroll=True)
     report = jstab.signal_propagation(unrolled, variables, x, nonlinearity="tanh")
     assert report.layers == ("cell/i", "cell/h", "head")
-    with pytest.warns(RuntimeWarning, match="cell/i, cell/h"):
-        jstab.signal_propagation(models.RecurrentRegressor(cell), variables, x)
+    # Run by nn.RNN (a scan), the cell is measured over all its calls too.
+    scanned = jstab.signal_propagation(
+        models.RecurrentRegressor(cell), variables, x, nonlinearity="tanh"
+    )
+    assert scanned.layers == report.layers
+    for field in ("activation_mean", "activation_std", "dead_fraction", "grad_norm"):
+        np.testing.assert_allclose(
+            getattr(scanned, field), getattr(report, field), rtol=1e-4, atol=1e-6
+        )
 
 
 def _linear_regression():
