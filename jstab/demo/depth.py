@@ -15,7 +15,7 @@ units (He), ``depth`` residual blocks whose branch is ``f(h) = W2
 relu(W1 h)`` (two layers, ``branch_layers=2``), and a Dense head on the
 final stream. The blocks' parameters are stacked and run with
 ``flax.linen.scan``, so compilation takes as long at 1000 blocks as at 16.
-The variants (:data:`VARIANTS`):
+The variants (``VARIANTS``):
 
 - ``"He, unscaled"``: ``W1`` and ``W2`` from :func:`jstab.he_normal`. The
   branch has a variance gain of 2 (He's ``2/fan_in`` doubles the variance
@@ -55,10 +55,11 @@ first/last ratio stays of order one while an unscaled stack explodes; and
 it is NaN when a gate at zero leaves the kernels without gradient.)
 
 Times on 2 CPU cores (AMD EPYC, jax 0.10.2), compilation included:
-:data:`DEFAULT` 130 s, :data:`QUICK` 53 s, :data:`FULL` about 40 minutes
-(estimated from 40 steps at 1000 blocks). Compiling takes most of the
-smaller budgets: about 8 s for each of a depth's three programs, whatever
-the depth (their initialization, measurements at initialization, training
+``DEFAULT`` 130 s, ``QUICK`` 53 s, ``FULL`` 531 s, of which
+the 1000 blocks take 388 s (vmapped over six models, a block runs more
+slowly per model than alone). Compiling takes most of the smaller
+budgets: about 8 s for each of a depth's three programs, whatever the
+depth (their initialization, measurements at initialization, training
 loop and test are compiled apart).
 
 References:
@@ -232,7 +233,7 @@ class ResidualMLP(nn.Module):
 
 
 def network(variant: str, depth: int, width: int = 64) -> ResidualMLP:
-    """The :class:`ResidualMLP` of ``variant`` (one of :data:`VARIANTS`)."""
+    """The :class:`ResidualMLP` of ``variant`` (one of ``VARIANTS``)."""
     he = jstab.he_normal()
     options = {
         "He, unscaled": {},
@@ -252,7 +253,7 @@ class Row:
     """What :func:`measure` found for one variant at one depth.
 
     Attributes:
-      variant: one of :data:`VARIANTS`.
+      variant: one of ``VARIANTS``.
       depth: the number of residual blocks.
       stream_std: the standard deviation of the final stream at
         initialization, per seed (in float64, so that a stream near
@@ -266,7 +267,7 @@ class Row:
       seconds: wall time of the program that trained the row,
         compilation included.
       shared: whether ``seconds`` is shared with the other variants of its
-        program (:data:`GROUPS`).
+        program (``GROUPS``).
     """
 
     variant: str
@@ -369,8 +370,8 @@ def measure(
     deterministic given ``seed`` (on one machine and JAX version).
 
     Args:
-      variants: names from :data:`VARIANTS` with one apply function, such
-        as a group of :data:`GROUPS`.
+      variants: names from ``VARIANTS`` with one apply function, such
+        as a group of ``GROUPS``.
       depth: the number of residual blocks.
       budget: the sizes and the training budget.
       seed: the seed of the initializations and the minibatches.
@@ -475,7 +476,7 @@ def sweep(
 
     Returns:
       One :class:`Row` per depth and variant, by depth, in
-      :data:`VARIANTS`' order.
+      ``VARIANTS``' order.
     """
     split = data.digits() if split is None else split
     rows = []
