@@ -76,7 +76,7 @@ def run(
         (:func:`report.write`); nothing is written if ``None``.
       seed: the seed of every key (initializations, minibatches, test data).
       progress: whether to show a progress bar (tqdm) on stderr.
-      depth_budget: part G's budget (``DEFAULT``,
+      depth_budget: part G's budget (``jstab.demo.depth.DEFAULT``,
         ``QUICK`` or ``FULL``), to run it after ``configs`` and write
         ``depth.md``, ``depth.json`` and ``depth.png`` into ``out``
         (:func:`jstab.demo.depth.write`); ``None`` leaves part G out.

@@ -153,3 +153,19 @@ def test_quick_run_prints_and_writes_part_g(quick_run):
         demo.depth.VARIANTS
     )
     assert (out / "depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_depth_only_runs_part_g_alone(tmp_path, monkeypatch, capsys):
+    from jstab import cli
+
+    tiny = demo.depth.Budget(depths=(2,), steps=3, seeds=1, width=8, batch=8)
+    monkeypatch.setattr(demo.depth, "QUICK", tiny)
+    argv = ["demo", "--depth-only", "--quick", "--no-progress", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert stdout.startswith(demo.depth.TITLE)
+    assert demo.report.PARTS["digits"] not in stdout
+    assert not (tmp_path / "results.json").exists()
+    record = json.loads((tmp_path / "depth.json").read_text())
+    assert record["budget"]["depths"] == [2] and record["budget"]["steps"] == 3
+    assert len(record["rows"]) == len(demo.depth.VARIANTS)
