@@ -68,6 +68,8 @@ class ResidualGate(linen.Module):
           x: the residual stream.
           branch_output: the branch's output, of ``x``'s shape.
         """
-        value = _gate.init_value(self.init_value)
-        alpha = self.param("alpha", lambda _key: jnp.asarray(value, jnp.float32))
+        # init_value was checked when the module was built (__post_init__).
+        alpha = self.param(
+            "alpha", lambda _key: jnp.asarray(self.init_value, jnp.float32)
+        )
         return _gate.gate(x, alpha, branch_output)
