@@ -55,12 +55,14 @@ first/last ratio stays of order one while an unscaled stack explodes; and
 it is NaN when a gate at zero leaves the kernels without gradient.)
 
 Times on 2 CPU cores (AMD EPYC, jax 0.10.2), compilation included:
-``DEFAULT`` 130 s, ``QUICK`` 53 s, ``FULL`` 531 s, of which
-the 1000 blocks take 388 s (vmapped over six models, a block runs more
-slowly per model than alone). Compiling takes most of the smaller
-budgets: about 8 s for each of a depth's three programs, whatever the
-depth (their initialization, measurements at initialization, training
-loop and test are compiled apart).
+``FULL`` 531 s, of which the 1000 blocks take 388 s (vmapped over six
+models, a block runs more slowly per model than alone) and the 16 and 64
+blocks of ``DEFAULT`` 71 s. Compiling takes most of the smaller budgets:
+about 8 s for each of a depth's three programs, whatever the depth, most
+of it the training loop's (the initialization, the measurements at
+initialization and the test run once and are compiled with
+:func:`_run_once`'s options). ``QUICK`` runs the three variants that
+share one program, at 32 blocks.
 
 References:
   He et al., 2016, "Identity mappings in deep residual networks"; Radford
@@ -90,6 +92,10 @@ from flax import linen as nn
 import jstab
 from jstab.demo import data, report, train
 
+VARIANTS = ("He, unscaled", "gpt2", "fixup", "ResidualGate", "batch norm")
+# Variants trained in one program: the first group shares an apply function.
+GROUPS = (VARIANTS[:3], VARIANTS[3:4], VARIANTS[4:])
+
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
@@ -97,6 +103,7 @@ class Budget:
 
     Attributes:
       depths: the numbers of residual blocks, one network each.
+      variants: the variants trained at every depth, from ``VARIANTS``.
       steps: Adam steps per model.
       seeds: models trained per variant and depth, side by side.
       width: the units of the stream and of every branch layer.
@@ -104,7 +111,8 @@ class Budget:
       learning_rate: Adam's learning rate.
     """
 
-    depths: tuple[int, ...] = (16, 64, 256)
+    depths: tuple[int, ...] = (16, 64)
+    variants: tuple[str, ...] = VARIANTS
     steps: int = 100
     seeds: int = 2
     width: int = 64
@@ -113,12 +121,9 @@ class Budget:
 
 
 DEFAULT = Budget()
-QUICK = Budget(depths=(8, 32), steps=50, seeds=2)
+QUICK = Budget(depths=(32,), variants=GROUPS[0], steps=50)
 FULL = Budget(depths=(16, 64, 256, 1000))
 
-VARIANTS = ("He, unscaled", "gpt2", "fixup", "ResidualGate", "batch norm")
-# Variants trained in one program: the first group shares an apply function.
-GROUPS = (VARIANTS[:3], VARIANTS[3:4], VARIANTS[4:])
 PROBE = 256  # training images of the measurements at initialization
 
 
@@ -396,7 +401,8 @@ def measure(
     key_init, key_data = jax.random.split(jax.random.key(seed))
     variables = _initialize(models, jax.random.split(key_init, budget.seeds), x[:2])
     stream, norms = jax.jit(
-        jax.vmap(lambda v: at_init(model, v, x[:PROBE], y[:PROBE]))
+        jax.vmap(lambda v: at_init(model, v, x[:PROBE], y[:PROBE])),
+        compiler_options=_run_once(),
     )(variables)
 
     def sample(key):
@@ -426,7 +432,8 @@ def measure(
         steps=budget.steps,
         progress=progress,
     )
-    accuracy = np.asarray(jax.jit(jax.vmap(evaluate))(run.params, run.model_state))
+    test = jax.jit(jax.vmap(evaluate), compiler_options=_run_once())
+    accuracy = np.asarray(test(run.params, run.model_state))
     loss = np.asarray(run.loss)
     seconds = time.perf_counter() - start
 
@@ -458,6 +465,12 @@ def measure(
     ]
 
 
+def groups(budget: Budget) -> list[tuple[str, ...]]:
+    """The programs of one depth: ``GROUPS`` restricted to ``budget.variants``."""
+    found = [tuple(v for v in g if v in budget.variants) for g in GROUPS]
+    return [g for g in found if g]
+
+
 def sweep(
     budget: Budget = DEFAULT,
     *,
@@ -465,24 +478,25 @@ def sweep(
     split: data.Split | None = None,
     progress: Callable[[int], Any] | None = None,
 ) -> list[Row]:
-    """Part G: every variant at every depth of ``budget``, group by group.
+    """Part G: the budget's variants at every depth of it, group by group.
 
     Args:
       budget: the depths, sizes and training budget.
       seed: the seed of every key (:func:`measure`).
       split: the digits data; loaded if ``None``.
       progress: called with the number of steps done over the whole sweep,
-        out of ``len(budget.depths) * len(GROUPS) * budget.steps``.
+        out of ``len(budget.depths) * len(groups(budget)) * budget.steps``.
 
     Returns:
-      One :class:`Row` per depth and variant, by depth, in
+      One :class:`Row` per depth and variant of ``budget``, by depth, in
       ``VARIANTS``' order.
     """
     split = data.digits() if split is None else split
     rows = []
+    programs = groups(budget)
     for i, depth in enumerate(budget.depths):
-        for j, group in enumerate(GROUPS):
-            done = (i * len(GROUPS) + j) * budget.steps
+        for j, group in enumerate(programs):
+            done = (i * len(programs) + j) * budget.steps
             advance = None
             if progress is not None:
                 advance = lambda steps, done=done: progress(done + steps)  # noqa: E731

@@ -14,6 +14,8 @@ import pytest
 from jstab.demo import data, depth
 
 REMEDIES = ("gpt2", "fixup", "ResidualGate", "batch norm")
+# Two depths and every variant: what the claims below compare.
+SWEEP = depth.Budget(depths=(8, 32), steps=50)
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +25,7 @@ def split():
 
 @pytest.fixture(scope="session")
 def rows(tmp_path_factory, worker_id, split):
-    """One QUICK sweep for the whole session, whichever pytest-xdist workers
+    """One ``SWEEP`` for the whole session, whichever pytest-xdist workers
     draw these tests: the first to take the lock runs it and pickles its
     rows into the session's shared folder, the others wait and read them
     (as ``quick_run`` in ``test_demo_cli.py``)."""
@@ -34,7 +36,7 @@ def rows(tmp_path_factory, worker_id, split):
     with open(shared / "depth-quick.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not found.exists():
-            rows = depth.sweep(depth.QUICK, seed=0, split=split)
+            rows = depth.sweep(SWEEP, seed=0, split=split)
             found.write_bytes(pickle.dumps(rows))
     return pickle.loads(found.read_bytes())
 
@@ -53,17 +55,17 @@ def _init(variants, blocks: int, x, seed: int = 0) -> list:
 
 
 def test_quick_sweep_has_every_variant_at_every_depth_in_order(rows):
-    expected = [(d, v) for d in depth.QUICK.depths for v in depth.VARIANTS]
+    expected = [(d, v) for d in SWEEP.depths for v in depth.VARIANTS]
     assert [(r.depth, r.variant) for r in rows] == expected
     for r in rows:
-        assert r.accuracy.shape == r.ratio.shape == (depth.QUICK.seeds,)
+        assert r.accuracy.shape == r.ratio.shape == (SWEEP.seeds,)
         assert r.shared == (r.variant in depth.GROUPS[0])
         assert r.seconds > 0
 
 
 @pytest.mark.parametrize("variant", REMEDIES)
 def test_remedies_give_finite_numbers_and_learn_at_every_depth(rows, variant):
-    for blocks in depth.QUICK.depths:
+    for blocks in SWEEP.depths:
         r = _row(rows, variant, blocks)
         for values in (r.stream_std, r.ratio, r.train_loss, r.accuracy):
             assert np.all(np.isfinite(values)), (blocks, values)
@@ -72,7 +74,7 @@ def test_remedies_give_finite_numbers_and_learn_at_every_depth(rows, variant):
 
 
 def test_unscaled_stream_grows_by_sqrt3_per_block_and_scaled_ones_stay_bounded(rows):
-    shallow, deep = depth.QUICK.depths
+    shallow, deep = SWEEP.depths
     std = {
         v: [float(np.median(_row(rows, v, d).stream_std)) for d in (shallow, deep)]
         for v in depth.VARIANTS
@@ -89,7 +91,7 @@ def test_unscaled_stream_grows_by_sqrt3_per_block_and_scaled_ones_stay_bounded(r
 
 
 def test_blocks_that_start_as_the_identity_have_a_ratio_of_one(rows):
-    for blocks in depth.QUICK.depths:
+    for blocks in SWEEP.depths:
         for variant in ("fixup", "ResidualGate"):
             np.testing.assert_allclose(_row(rows, variant, blocks).ratio, 1.0)
         assert np.all(_row(rows, "He, unscaled", blocks).ratio > 10)
@@ -167,7 +169,7 @@ def test_gated_network_starts_as_its_input_projection(split):
 
 
 def test_measure_is_deterministic_given_the_seed(rows, split):
-    again = depth.measure(("ResidualGate",), 8, depth.QUICK, seed=0, split=split)
+    again = depth.measure(("ResidualGate",), 8, SWEEP, seed=0, split=split)
     (first,) = again
     r = _row(rows, "ResidualGate", 8)
     for field in ("stream_std", "ratio", "train_loss", "accuracy"):
@@ -180,17 +182,25 @@ def test_measure_rejects_variants_without_one_apply_function(split):
 
 
 def test_write_makes_the_table_the_record_and_the_plot(rows, tmp_path):
-    depth.write(rows, depth.QUICK, tmp_path, seed=0)
+    depth.write(rows, SWEEP, tmp_path, seed=0)
     table = (tmp_path / "depth.md").read_text()
     assert table.startswith(depth.TITLE)
     for r in rows:
         assert f"| {r.depth} " in table and f"| {r.variant} " in table
-    assert table.count("(shared)") == len(depth.QUICK.depths) * len(depth.GROUPS[0])
+    assert table.count("(shared)") == len(SWEEP.depths) * len(depth.GROUPS[0])
     record = json.loads((tmp_path / "depth.json").read_text())
-    assert record["budget"] == json.loads(json.dumps(vars(depth.QUICK)))
+    assert record["budget"] == json.loads(json.dumps(vars(SWEEP)))
     assert record["seed"] == 0
     assert len(record["rows"]) == len(rows)
     first = record["rows"][0]
     assert first["accuracy"] == [float(a) for a in rows[0].accuracy]
     png = (tmp_path / "depth.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_budgets_run_their_variants_only():
+    assert depth.groups(depth.QUICK) == [depth.GROUPS[0]]
+    assert depth.groups(depth.DEFAULT) == list(depth.GROUPS)
+    partial = depth.Budget(variants=("gpt2", "batch norm"))
+    assert depth.groups(partial) == [("gpt2",), ("batch norm",)]
+    assert set(depth.FULL.depths) > set(depth.DEFAULT.depths)
