@@ -137,7 +137,7 @@ def _depth(
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    total = len(budget.depths) * len(depth.GROUPS) * budget.steps
+    total = len(budget.depths) * len(depth.groups(budget)) * budget.steps
     with tqdm(
         total=total, unit="step", disable=not progress, leave=False, desc="part G"
     ) as bar:

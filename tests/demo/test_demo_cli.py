@@ -150,7 +150,7 @@ def test_quick_run_prints_and_writes_part_g(quick_run):
     record = json.loads((out / "depth.json").read_text())
     assert record["budget"]["depths"] == list(demo.depth.QUICK.depths)
     assert len(record["rows"]) == len(demo.depth.QUICK.depths) * len(
-        demo.depth.VARIANTS
+        demo.depth.QUICK.variants
     )
     assert (out / "depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
