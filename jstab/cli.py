@@ -38,20 +38,23 @@ def build_parser() -> argparse.ArgumentParser:
             "Diagnose and train a deep MLP and a deep CNN on scikit-learn's "
             "digits and recurrent networks on the adding problem, with each "
             "initialization, architecture, clipping rule, normalization, "
-            "optimizer and greedy pretraining (parts A to E); then residual "
-            "MLPs without normalization at 16, 64 and 256 blocks, their "
+            "optimizer and greedy pretraining (parts A to E); a small GPT "
+            "whose loss spikes at an aggressive learning rate and on corrupted "
+            "batches, with each spike rule (part F); then residual "
+            "MLPs without normalization at 16 and 64 blocks, their "
             "branches unscaled, scaled with the depth (GPT-2, Fixup), gated "
             "or batch-normalized (part G). Print the tables and write them, "
-            "the plots and JSON records into --out. About 7 minutes on 2 "
-            "CPU cores; --full runs every configuration and part G at 1000 "
-            "blocks too, --quick a reduced set for CI."
+            "the plots and JSON records into --out. About 6 minutes on 2 "
+            "CPU cores; --full runs every configuration and rule, and part "
+            "G at 256 and 1000 blocks too; --quick a reduced set for CI, "
+            "in about 90 s."
         ),
     )
     demo.add_argument(
         "--out",
         type=Path,
         default=None,
-        help="folder for the tables, plots, results.json and depth.json "
+        help="folder for the tables, plots, results.json, lm.json and depth.json "
         "(default: a new folder ./jstab-demo-<date>-<time>)",
     )
     level = demo.add_mutually_exclusive_group()
@@ -61,14 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
     level.add_argument(
         "--full",
         action="store_true",
-        help="every configuration (the default run leaves out the CNN's "
-        "residual and batch-norm rows, SGD with momentum and the LSTM), and "
-        "part G at 1000 blocks and 1000 steps",
+        help="every configuration (the default run leaves out the CNN, the "
+        "optimizers' table and the rows whose claim another row shows), "
+        "every rule of part F at both learning rates, and part G at 256 and "
+        "1000 blocks",
     )
     demo.add_argument(
         "--depth-only",
         action="store_true",
         help="run part G alone (at the budget --quick or --full selects)",
+    )
+    demo.add_argument(
+        "--lm-only",
+        action="store_true",
+        help="run part F alone, loss spikes in a small GPT (at the budget "
+        "--quick or --full selects)",
     )
     demo.add_argument("--seed", type=int, default=0, help="seed of every key")
     demo.add_argument(
@@ -235,7 +245,15 @@ def _demo(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     budget = dataclasses.replace(budget, **overrides)
     depth_budget = dataclasses.replace(depth_budget, **overrides)
-    if args.depth_only:
+    lm_budget = demo.lm.QUICK if args.quick else demo.lm.DEFAULT
+    if args.full:
+        lm_budget = demo.lm.FULL
+    lm_budget = demo.lm.resize(lm_budget, **overrides)
+    if args.lm_only and not args.depth_only:
+        depth_budget = None
+    if args.depth_only and not args.lm_only:
+        lm_budget = None
+    if args.depth_only or args.lm_only:
         configs = []
     elif args.quick:
         configs = [c for c in demo.CONFIGS if c.quick]
@@ -251,11 +269,15 @@ def _demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         depth_budget=depth_budget,
+        lm_budget=lm_budget,
     )
     if results:
         print(demo.report.table(results, budget) + "\n")
-    print((out / "depth.md").read_text(), end="")
-    print(f"\nTables, plots, results.json and depth.json written to {out}/")
+    if lm_budget is not None:
+        print((out / "lm.md").read_text())
+    if depth_budget is not None:
+        print((out / "depth.md").read_text(), end="")
+    print(f"\nTables, plots and JSON records written to {out}/")
     return 0
 
 

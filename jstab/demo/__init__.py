@@ -4,11 +4,14 @@ Part A trains a deep MLP on scikit-learn's digits with each initialization,
 architecture, clipping rule and spectral normalization; part B trains
 recurrent networks on the adding problem; part C a deep CNN on the digits'
 images; part D the deep sigmoid MLP with each optimizer, and after greedy
-layer-wise pretraining; part G residual MLPs without normalization at
-depths up to 256 blocks (1000 with ``--full``), their branches unscaled,
-scaled with the depth (GPT-2, Fixup), gated (:class:`jstab.nn.ResidualGate`)
-or batch-normalized. Every configuration is diagnosed at initialization and
-trained for several seeds; the results make tables and plots.
+layer-wise pretraining; part F a small GPT learning the characters of
+Python's documentation, whose loss spikes at an aggressive learning rate
+and on corrupted batches, with each spike rule; part G residual MLPs
+without normalization at depths up to 256 blocks (1000 with ``--full``),
+their branches unscaled, scaled with the depth (GPT-2, Fixup), gated
+(:class:`jstab.nn.ResidualGate`) or batch-normalized. Every configuration
+is diagnosed at initialization and trained for several seeds; the results
+make tables and plots.
 
 The pieces are meant to be read and forked:
 
@@ -19,6 +22,8 @@ The pieces are meant to be read and forked:
   CD-1, denoising autoencoders);
 - :mod:`jstab.demo.train`: the training loop (seeds vmapped, steps scanned);
 - :mod:`jstab.demo.experiments`: the configurations, and measuring one;
+- :mod:`jstab.demo.lm` and :mod:`jstab.demo.gpt`: part F, its GPT (Flax
+  NNX), data, spike counter, budget, table and plot;
 - :mod:`jstab.demo.depth`: part G, its networks, budget, table and plot;
 - :mod:`jstab.demo.report`: the table, the plots and the JSON record.
 
@@ -35,7 +40,7 @@ from pathlib import Path
 
 import jax
 
-from jstab.demo import data, depth, report
+from jstab.demo import data, depth, lm, report
 from jstab.demo.experiments import (
     CONFIGS,
     DEFAULT,
@@ -66,6 +71,7 @@ def run(
     seed: int = 0,
     progress: bool = True,
     depth_budget: depth.Budget | None = None,
+    lm_budget: lm.Budget | None = None,
 ) -> list[Result]:
     """Measures ``configs`` one after the other; writes the outputs to ``out``.
 
@@ -80,6 +86,10 @@ def run(
         ``QUICK`` or ``FULL``), to run it after ``configs`` and write
         ``depth.md``, ``depth.json`` and ``depth.png`` into ``out``
         (:func:`jstab.demo.depth.write`); ``None`` leaves part G out.
+      lm_budget: part F's budget (``jstab.demo.lm.DEFAULT``, ``QUICK`` or
+        ``FULL``), to run it after ``configs`` (before part G) and write
+        ``lm.md``, ``lm.json`` and ``lm.png`` into ``out``
+        (:func:`jstab.demo.lm.write`); ``None`` leaves part F out.
 
     Returns:
       One :class:`~jstab.demo.experiments.Result` per configuration (part
@@ -121,6 +131,8 @@ def run(
             seconds=time.perf_counter() - start,
             **about,
         )
+    if lm_budget is not None:
+        _lm(lm_budget, out, progress, about)
     if depth_budget is not None:
         _depth(depth_budget, out, split, progress, about)
     return results
@@ -150,3 +162,22 @@ def _depth(
     if out is not None:
         seconds = time.perf_counter() - start
         depth.write(rows, budget, Path(out), seconds=seconds, **about)
+
+
+def _lm(budget: lm.Budget, out: Path | str | None, progress: bool, about: dict) -> None:
+    """Part F, with its own progress bar; its outputs written to ``out``."""
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    total = lm.runs(budget) * budget.seeds * budget.steps
+    with tqdm(
+        total=total, unit="step", disable=not progress, leave=False, desc="part F"
+    ) as bar:
+        rows = lm.sweep(
+            budget,
+            seed=about["seed"],
+            progress=lambda steps: bar.update(steps - bar.n),
+        )
+    if out is not None:
+        seconds = time.perf_counter() - start
+        lm.write(rows, budget, Path(out), seconds=seconds, **about)

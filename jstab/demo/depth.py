@@ -61,7 +61,7 @@ blocks of ``DEFAULT`` 71 s. Compiling takes most of the smaller budgets:
 about 8 s for each of a depth's three programs, whatever the depth, most
 of it the training loop's (the initialization, the measurements at
 initialization and the test run once and are compiled with
-:func:`_run_once`'s options). ``QUICK`` runs the three variants that
+``_run_once``'s options). ``QUICK`` runs the three variants that
 share one program, at 32 blocks.
 
 References:

@@ -34,6 +34,25 @@ PARTS = {
         "Adam (test accuracy)"
     ),
 }
+# What a table's numbers do not say by themselves, printed below it.
+NOTES = {
+    "digits": (
+        "No clipping rescues ReLU + N(0, 1): its forward pass is broken "
+        "before any step. N(0, 1) kernels have 32 times He's variance (a gain "
+        "of √32 per layer), so the logits at initialization are about 32^10 "
+        "times too large and the softmax is saturated. Clipping bounds the "
+        "step, not the forward pass. "
+        "ReLU + He with SGD at a large learning rate is the case clipping is "
+        "for: the network is sound at initialization, the gradient explodes "
+        "in training, and clipping its global norm bounds every step and "
+        "rescues the run."
+    ),
+    "pretraining": (
+        "The same network without pretraining is part A's first row, "
+        "sigmoid + small N(0, 0.01²), trained with the same Adam; with "
+        "--full it is also this table's first row."
+    ),
+}
 _HEAD = (
     "configuration",
     "grad ratio first/last",
@@ -84,7 +103,8 @@ def table(results: Sequence[Result], budget: Budget) -> str:
     for part, title in PARTS.items():
         rows = [row(r, budget.steps) for r in results if r.config.table == part]
         if rows:
-            blocks.append(f"{title}\n\n{markdown(_HEAD, rows)}")
+            note = f"\n\n{NOTES[part]}" if part in NOTES else ""
+            blocks.append(f"{title}\n\n{markdown(_HEAD, rows)}{note}")
     return "\n\n".join(blocks)
 
 
@@ -113,6 +133,7 @@ def record(results: Sequence[Result], budget: Budget, **about: Any) -> dict:
                 "name": r.config.name,
                 "task": r.config.task,
                 "table": r.config.table,
+                "baseline": r.config.baseline,
                 "ratio": r.ratio,
                 "diagnosis": r.diagnosis,
                 "peak": listed(r.peak),
