@@ -41,12 +41,11 @@ the clean steps around them: the damage a corrupted batch did to the model.
 until the training loss is back at or below the median of the ``WINDOW``
 steps before it.
 
-Times on 2 CPU cores (AMD EPYC, jax 0.10.2, sharing the machine with
-another job that kept one core busy), compilation included: ``DEFAULT``
-155 s (five rows of two seeds and 200 steps, 27 to 36 s a row: about 12 s
-of compiling and 8 s a seed), ``QUICK`` 47 s (two rows of a 1-layer GPT
-of width 32; the first row, 30 s, also pays JAX's start-up), ``FULL``
-1668 s (16 rows of three seeds and 600 steps, 52 to 216 s a row).
+Times on 2 CPU cores (AMD EPYC, jax 0.10.2), compilation included:
+``DEFAULT`` 84 s (five rows of two seeds and 200 steps, 15 to 20 s a
+row), ``QUICK`` 20 s (two rows of a 1-layer GPT of width 32), ``FULL``
+1668 s (16 rows of three seeds and 600 steps, 52 to 216 s a row, measured
+while another job kept one of the two cores busy).
 
 References:
   Wortsman et al., 2023, "Small-scale proxies for large-scale Transformer
