@@ -3,11 +3,12 @@
 Part A trains a deep MLP on scikit-learn's digits with each initialization,
 architecture, clipping rule and spectral normalization; part B trains
 recurrent networks on the adding problem; part C a deep CNN on the digits'
-images; part D the deep sigmoid MLP with each optimizer, and after greedy
-layer-wise pretraining; part F a small GPT learning the characters of
-Python's documentation, whose loss spikes at an aggressive learning rate
-and on corrupted batches, with each spike rule; part G residual MLPs
-without normalization at depths up to 256 blocks (1000 with ``--full``),
+images; part D the exploding MLP with each optimizer; part E the deep
+sigmoid MLP after greedy layer-wise pretraining; part F a small GPT
+learning the characters of Python's documentation, whose loss spikes at
+an aggressive learning rate and on corrupted batches, with each spike
+rule; part G residual MLPs
+without normalization at 16 and 64 blocks (256 and 1000 with ``--full``),
 their branches unscaled, scaled with the depth (GPT-2, Fixup), gated
 (:class:`jstab.nn.ResidualGate`) or batch-normalized. Every configuration
 is diagnosed at initialization and trained for several seeds; the results

@@ -1,11 +1,16 @@
-"""The demo's two tasks: scikit-learn's digits, and the adding problem.
+"""The demo's data: scikit-learn's digits, the adding problem, and the text
+of Python's documentation.
 
-Both need no download: the digits ship with scikit-learn, the adding problem
-is generated from a key.
+None needs a download: the digits ship with scikit-learn, the adding
+problem is generated from a key, and ``pydoc_data.topics`` ships with every
+Python.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import chex
@@ -90,3 +95,83 @@ def adding_problem(
     x = jnp.stack([values, marks.astype(values.dtype)], axis=-1)
     y = jnp.sum(values * marks, axis=-1)
     return x, y
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """The characters of ``pydoc_data.topics``, as token ids.
+
+    Attributes:
+      chars: the vocabulary, sorted; token ``i`` is ``chars[i]``.
+      train: the first 90% of the text's tokens, int32.
+      valid: the last 10%, int32.
+    """
+
+    chars: str
+    train: np.ndarray
+    valid: np.ndarray
+
+
+def text() -> str:
+    """``pydoc_data.topics.topics``' values joined in sorted key order."""
+    from pydoc_data.topics import topics
+
+    return "".join(topics[key] for key in sorted(topics))
+
+
+@functools.cache
+def corpus() -> Corpus:
+    """The character-level corpus of :func:`text`, split 90/10."""
+    raw = text()
+    chars = "".join(sorted(set(raw)))
+    index = {c: i for i, c in enumerate(chars)}
+    tokens = np.array([index[c] for c in raw], np.int32)
+    cut = int(0.9 * tokens.size)
+    return Corpus(chars, tokens[:cut], tokens[cut:])
+
+
+def sampler(
+    tokens: np.ndarray,
+    *,
+    batch: int,
+    context: int,
+    vocab: int,
+    corrupt_at: Sequence[int] = (),
+    corruption: str = "random",
+) -> Callable[[chex.PRNGKey, chex.Array], chex.Array]:
+    """``sample(key, step)``: a minibatch of ``(batch, context + 1)`` windows.
+
+    The windows start at uniform random offsets of ``tokens``. At the steps
+    of ``corrupt_at`` the minibatch is replaced by a corrupted one drawn
+    from the same key: uniform random tokens (``"random"``), or each window
+    a single random token repeated (``"repeat"``).
+
+    Args:
+      tokens: the training text's token ids.
+      batch: windows per minibatch.
+      context: the model's context; each window has one token more.
+      vocab: the number of tokens (the range of corrupted ones).
+      corrupt_at: the steps whose minibatch is corrupted.
+      corruption: ``"random"`` or ``"repeat"``.
+
+    Returns:
+      A pure function of a key and a step number (a traced int).
+    """
+    if corruption not in ("random", "repeat"):
+        raise ValueError(f"unknown corruption {corruption!r}")
+    data = jnp.asarray(tokens)
+    bad = jnp.asarray(corrupt_at, jnp.int32)
+    shape = (batch, context + 1)
+
+    def sample(key: chex.PRNGKey, step: chex.Array) -> chex.Array:
+        clean_key, noise_key = jax.random.split(key)
+        start = jax.random.randint(clean_key, (batch,), 0, data.size - shape[1])
+        clean = data[start[:, None] + jnp.arange(shape[1])]
+        if corruption == "random":
+            noise = jax.random.randint(noise_key, shape, 0, vocab, jnp.int32)
+        else:
+            noise = jax.random.randint(noise_key, (batch, 1), 0, vocab, jnp.int32)
+            noise = jnp.broadcast_to(noise, shape)
+        return jnp.where(jnp.any(step == bad), noise, clean)
+
+    return sample

@@ -75,7 +75,7 @@ import optax
 from flax import nnx
 
 import jstab
-from jstab.demo import gpt, report
+from jstab.demo import data, gpt, report
 
 WINDOW = 50  # the spike counter's reference window, in steps
 K = 5.0  # a spike exceeds the window's median by K median absolute deviations
@@ -221,86 +221,6 @@ def resize(
         dataclasses.replace(s, corrupt_at=moved(s.corrupt_at)) for s in budget.settings
     )
     return dataclasses.replace(budget, settings=settings, steps=steps)
-
-
-@dataclasses.dataclass(frozen=True)
-class Corpus:
-    """The characters of ``pydoc_data.topics``, as token ids.
-
-    Attributes:
-      chars: the vocabulary, sorted; token ``i`` is ``chars[i]``.
-      train: the first 90% of the text's tokens, int32.
-      valid: the last 10%, int32.
-    """
-
-    chars: str
-    train: np.ndarray
-    valid: np.ndarray
-
-
-def text() -> str:
-    """``pydoc_data.topics.topics``' values joined in sorted key order."""
-    from pydoc_data.topics import topics
-
-    return "".join(topics[key] for key in sorted(topics))
-
-
-@functools.cache
-def corpus() -> Corpus:
-    """The character-level corpus of :func:`text`, split 90/10."""
-    raw = text()
-    chars = "".join(sorted(set(raw)))
-    index = {c: i for i, c in enumerate(chars)}
-    tokens = np.array([index[c] for c in raw], np.int32)
-    cut = int(0.9 * tokens.size)
-    return Corpus(chars, tokens[:cut], tokens[cut:])
-
-
-def sampler(
-    tokens: np.ndarray,
-    *,
-    batch: int,
-    context: int,
-    vocab: int,
-    corrupt_at: Sequence[int] = (),
-    corruption: str = "random",
-) -> Callable[[chex.PRNGKey, chex.Array], chex.Array]:
-    """``sample(key, step)``: a minibatch of ``(batch, context + 1)`` windows.
-
-    The windows start at uniform random offsets of ``tokens``. At the steps
-    of ``corrupt_at`` the minibatch is replaced by a corrupted one drawn
-    from the same key: uniform random tokens (``"random"``), or each window
-    a single random token repeated (``"repeat"``).
-
-    Args:
-      tokens: the training text's token ids.
-      batch: windows per minibatch.
-      context: the model's context; each window has one token more.
-      vocab: the number of tokens (the range of corrupted ones).
-      corrupt_at: the steps whose minibatch is corrupted.
-      corruption: ``"random"`` or ``"repeat"``.
-
-    Returns:
-      A pure function of a key and a step number (a traced int).
-    """
-    if corruption not in ("random", "repeat"):
-        raise ValueError(f"unknown corruption {corruption!r}")
-    data = jnp.asarray(tokens)
-    bad = jnp.asarray(corrupt_at, jnp.int32)
-    shape = (batch, context + 1)
-
-    def sample(key: chex.PRNGKey, step: chex.Array) -> chex.Array:
-        clean_key, noise_key = jax.random.split(key)
-        start = jax.random.randint(clean_key, (batch,), 0, data.size - shape[1])
-        clean = data[start[:, None] + jnp.arange(shape[1])]
-        if corruption == "random":
-            noise = jax.random.randint(noise_key, shape, 0, vocab, jnp.int32)
-        else:
-            noise = jax.random.randint(noise_key, (batch, 1), 0, vocab, jnp.int32)
-            noise = jnp.broadcast_to(noise, shape)
-        return jnp.where(jnp.any(step == bad), noise, clean)
-
-    return sample
 
 
 def spike_steps(
@@ -473,7 +393,7 @@ def optimizer(
 def shape(setting: Setting, budget: Budget) -> gpt.Shape:
     """The GPT of ``budget``'s sizes with ``setting``'s QK-norm switch."""
     return gpt.Shape(
-        vocab=len(corpus().chars),
+        vocab=len(data.corpus().chars),
         context=budget.context,
         layers=budget.layers,
         width=budget.width,
@@ -500,15 +420,15 @@ def program(setting: Setting, rule: str, budget: Budget) -> Callable:
       The jit-compiled ``run``; it compiles at its first call and is reused
       for every seed.
     """
-    data = corpus()
+    text = data.corpus()
     graphdef, _ = nnx.split(
         nnx.eval_shape(lambda: gpt.GPT(shape(setting, budget), rngs=nnx.Rngs(0)))
     )
-    sample = sampler(
-        data.train,
+    sample = data.sampler(
+        text.train,
         batch=budget.batch,
         context=budget.context,
-        vocab=len(data.chars),
+        vocab=len(text.chars),
         corrupt_at=setting.corrupt_at,
         corruption=setting.corruption,
     )
@@ -546,13 +466,13 @@ def validation_loss(setting: Setting, budget: Budget, params: Any) -> chex.Array
     Returns:
       The loss, a float32 scalar.
     """
-    data = corpus()
+    text = data.corpus()
     graphdef, _ = nnx.split(
         nnx.eval_shape(lambda: gpt.GPT(shape(setting, budget), rngs=nnx.Rngs(0)))
     )
     length = budget.context + 1
-    starts = np.linspace(0, data.valid.size - length, budget.eval_windows)
-    windows = data.valid[starts.astype(int)[:, None] + np.arange(length)]
+    starts = np.linspace(0, text.valid.size - length, budget.eval_windows)
+    windows = text.valid[starts.astype(int)[:, None] + np.arange(length)]
     return gpt.loss(nnx.merge(graphdef, params), jnp.asarray(windows))
 
 

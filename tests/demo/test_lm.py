@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jstab.demo import gpt, lm
+from jstab.demo import data, gpt, lm
 
 TINY = lm.Budget(
     settings=(
@@ -45,7 +45,7 @@ def test_sweep_gives_finite_rows_and_is_deterministic(tmp_path):
         assert np.isfinite(r.recovery).all()
         assert r.loss.shape == (TINY.steps,) and len(r.spikes) == 2
         # Learning happened: the final validation loss is below log(vocab).
-        assert (r.valid_loss < math.log(len(lm.corpus().chars))).all()
+        assert (r.valid_loss < math.log(len(data.corpus().chars))).all()
         assert not r.diverged.any()
         assert r.skipped is None
     assert rows[0].clipped is None
@@ -115,11 +115,11 @@ def test_recovery_counts_the_steps_back_to_the_level():
 
 @pytest.mark.parametrize("corruption", ["random", "repeat"])
 def test_batches_are_corrupted_exactly_at_the_configured_steps(corruption):
-    tokens = lm.corpus().train
-    options = {"batch": 4, "context": 8, "vocab": len(lm.corpus().chars)}
-    clean = jax.jit(lm.sampler(tokens, **options))
+    tokens = data.corpus().train
+    options = {"batch": 4, "context": 8, "vocab": len(data.corpus().chars)}
+    clean = jax.jit(data.sampler(tokens, **options))
     bad = jax.jit(
-        lm.sampler(tokens, corrupt_at=(3, 7), corruption=corruption, **options)
+        data.sampler(tokens, corrupt_at=(3, 7), corruption=corruption, **options)
     )
     key = jax.random.key(0)
     for step in range(10):
@@ -134,12 +134,12 @@ def test_batches_are_corrupted_exactly_at_the_configured_steps(corruption):
 
 
 def test_clean_windows_are_text_of_the_training_split():
-    data = lm.corpus()
-    sample = lm.sampler(data.train, batch=2, context=8, vocab=len(data.chars))
+    corpus = data.corpus()
+    sample = data.sampler(corpus.train, batch=2, context=8, vocab=len(corpus.chars))
     window = np.asarray(sample(jax.random.key(3), 0))[0]
-    text = "".join(data.chars[i] for i in window)
-    assert text in lm.text()[: data.train.size]
-    assert data.train.size + data.valid.size == len(lm.text())
+    text = "".join(corpus.chars[i] for i in window)
+    assert text in data.text()[: corpus.train.size]
+    assert corpus.train.size + corpus.valid.size == len(data.text())
 
 
 def test_resize_moves_the_bursts_with_the_steps():
