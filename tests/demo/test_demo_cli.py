@@ -143,6 +143,9 @@ def test_quick_run_prints_and_writes_part_g(quick_run):
     assert len(record["rows"]) == len(demo.depth.QUICK.depths) * len(
         demo.depth.QUICK.variants
     )
+    for row in record["rows"]:
+        numbers = row["stream_std"] + row["ratio"] + row["train_loss"]
+        assert all(math.isfinite(v) for v in numbers + row["accuracy"]), row
     assert (out / "depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
