@@ -56,13 +56,13 @@ it is NaN when a gate at zero leaves the kernels without gradient.)
 
 Times on 2 CPU cores (AMD EPYC, jax 0.10.2), compilation included:
 ``FULL`` 531 s, of which the 1000 blocks take 388 s (vmapped over six
-models, a block runs more slowly per model than alone) and the 16 and 64
-blocks of ``DEFAULT`` 71 s. Compiling takes most of the smaller budgets:
-about 8 s for each of a depth's three programs, whatever the depth, most
-of it the training loop's (the initialization, the measurements at
-initialization and the test run once and are compiled with
-``_run_once``'s options). ``QUICK`` runs the three variants that
-share one program, at 32 blocks.
+models, a block runs more slowly per model than alone); ``DEFAULT`` (16
+and 64 blocks) 53 to 56 s; ``QUICK`` (the three variants that share one
+program, at 32 blocks) 9 to 10 s. Compiling takes most of the smaller
+budgets: about 8 s for each of a depth's three programs, whatever the
+depth, most of it the training loop's (the initialization, the
+measurements at initialization and the test run once and are compiled
+with ``_run_once``'s options).
 
 References:
   He et al., 2016, "Identity mappings in deep residual networks"; Radford
