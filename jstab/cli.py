@@ -85,13 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds",
         type=_positive,
         default=None,
-        help="models per configuration (part G's too)",
+        help="models per configuration (parts F and G's too)",
     )
     demo.add_argument(
         "--steps",
         type=_positive,
         default=None,
-        help="Adam steps per model (part G's too)",
+        help="optimizer steps per model (parts F and G's too)",
     )
     demo.add_argument(
         "--no-progress", action="store_true", help="hide the progress bar"

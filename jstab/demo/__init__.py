@@ -7,12 +7,11 @@ images; part D the exploding MLP with each optimizer; part E the deep
 sigmoid MLP after greedy layer-wise pretraining; part F a small GPT
 learning the characters of Python's documentation, whose loss spikes at
 an aggressive learning rate and on corrupted batches, with each spike
-rule; part G residual MLPs
-without normalization at 16 and 64 blocks (256 and 1000 with ``--full``),
-their branches unscaled, scaled with the depth (GPT-2, Fixup), gated
-(:class:`jstab.nn.ResidualGate`) or batch-normalized. Every configuration
-is diagnosed at initialization and trained for several seeds; the results
-make tables and plots.
+rule; part G residual MLPs without normalization at 16 and 64 blocks (256
+and 1000 with ``--full``), their branches unscaled, scaled with the depth
+(GPT-2, Fixup), gated (:class:`jstab.nn.ResidualGate`) or
+batch-normalized. Every configuration is diagnosed at initialization and
+trained for several seeds; the results make tables and plots.
 
 The pieces are meant to be read and forked:
 
@@ -36,8 +35,9 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -133,52 +133,50 @@ def run(
             **about,
         )
     if lm_budget is not None:
-        _lm(lm_budget, out, progress, about)
+        _part(
+            "part F",
+            lm.runs(lm_budget) * lm_budget.seeds * lm_budget.steps,
+            lambda advance: lm.sweep(lm_budget, seed=seed, progress=advance),
+            lambda rows, **kw: lm.write(rows, lm_budget, **kw),
+            out,
+            progress,
+            about,
+        )
     if depth_budget is not None:
-        _depth(depth_budget, out, split, progress, about)
+        _part(
+            "part G",
+            len(depth_budget.depths)
+            * len(depth.groups(depth_budget))
+            * depth_budget.steps,
+            lambda advance: depth.sweep(
+                depth_budget, seed=seed, split=split, progress=advance
+            ),
+            lambda rows, **kw: depth.write(rows, depth_budget, **kw),
+            out,
+            progress,
+            about,
+        )
     return results
 
 
-def _depth(
-    budget: depth.Budget,
+def _part(
+    name: str,
+    total: int,
+    sweep: Callable[[Callable[[int], Any]], list],
+    write: Callable[..., None],
     out: Path | str | None,
-    split: data.Split,
     progress: bool,
     about: dict,
 ) -> None:
-    """Part G, with its own progress bar; its outputs written to ``out``."""
+    """A part with a table of its own (F or G): ``sweep(advance)`` under a
+    progress bar of ``total`` steps, then ``write`` of its rows into ``out``."""
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    total = len(budget.depths) * len(depth.groups(budget)) * budget.steps
     with tqdm(
-        total=total, unit="step", disable=not progress, leave=False, desc="part G"
+        total=total, unit="step", disable=not progress, leave=False, desc=name
     ) as bar:
-        rows = depth.sweep(
-            budget,
-            seed=about["seed"],
-            split=split,
-            progress=lambda steps: bar.update(steps - bar.n),
-        )
+        rows = sweep(lambda steps: bar.update(steps - bar.n))
     if out is not None:
         seconds = time.perf_counter() - start
-        depth.write(rows, budget, Path(out), seconds=seconds, **about)
-
-
-def _lm(budget: lm.Budget, out: Path | str | None, progress: bool, about: dict) -> None:
-    """Part F, with its own progress bar; its outputs written to ``out``."""
-    from tqdm.auto import tqdm
-
-    start = time.perf_counter()
-    total = lm.runs(budget) * budget.seeds * budget.steps
-    with tqdm(
-        total=total, unit="step", disable=not progress, leave=False, desc="part F"
-    ) as bar:
-        rows = lm.sweep(
-            budget,
-            seed=about["seed"],
-            progress=lambda steps: bar.update(steps - bar.n),
-        )
-    if out is not None:
-        seconds = time.perf_counter() - start
-        lm.write(rows, budget, Path(out), seconds=seconds, **about)
+        write(rows, out=Path(out), seconds=seconds, **about)
